@@ -1,0 +1,43 @@
+# embervm — see README.md. Every target installs what it needs into .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-unit test-kvm test-e2e fuzz bench lint cov guest clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/embervm run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-kvm: $(STAMP)
+	$(BIN)/python -m pytest -q tests/kvm
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -q tests/e2e
+
+cov: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit --cov=embervm.devices.virtio --cov-report=term-missing
+
+fuzz: $(STAMP)
+	$(BIN)/python -m embervm.testing.fuzz --examples $${EXAMPLES:-1000000}
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/virtqueue_bench.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .coverage

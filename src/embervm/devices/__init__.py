@@ -1,0 +1,1 @@
+"""Emulated devices: legacy PC devices and virtio devices."""
