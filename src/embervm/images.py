@@ -1,0 +1,70 @@
+"""The embedded default guest: kernels and initramfs images shipped inside the package.
+
+They are the guest kit's prebuilt files (``guest/`` holds the recipe; ``make guest`` rebuilds
+them), stored compressed.  The guest must get them *uncompressed*: decompression inside the guest
+runs emulated on this project's PVM host and costs tens of seconds, on the host it costs well under
+a second.  Decompressed copies are cached under ``$XDG_CACHE_HOME/embervm`` (or ``~/.cache``),
+named by their content hash, and written atomically.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+
+DATA_DIR = Path(__file__).with_name("guest")
+
+#: name → compressed file in DATA_DIR
+IMAGES = {
+    "vmlinux-full": "vmlinux-full.xz",
+    "vmlinux-base": "vmlinux-base.xz",
+    "initramfs-busybox": "initramfs-busybox.cpio.xz",
+    "initramfs-tiny": "initramfs-tiny.cpio.gz",
+}
+DEFAULT_KERNEL = "vmlinux-full"
+DEFAULT_INITRD = "initramfs-busybox"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embervm"
+
+
+def image(name: str) -> Path:
+    """Path of the uncompressed embedded image ``name`` (decompressed once, then cached)."""
+    try:
+        src = DATA_DIR / IMAGES[name]
+    except KeyError:
+        raise ConfigError(f"unknown embedded image {name!r}; known: {', '.join(IMAGES)}") from None
+    if not src.is_file():
+        raise ConfigError(f"embedded image {src} is missing: reinstall embervm or run make guest")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    out = cache_dir() / f"{name}-{digest}"
+    if out.is_file():
+        return out
+    opener = lzma.open if src.suffix == ".xz" else gzip.open
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{name}.")
+    try:
+        with os.fdopen(fd, "wb") as dst, opener(src, "rb") as f:
+            while chunk := f.read(1 << 20):
+                dst.write(chunk)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return out
+
+
+def default_kernel() -> Path:
+    return image(DEFAULT_KERNEL)
+
+
+def default_initrd() -> Path:
+    return image(DEFAULT_INITRD)
