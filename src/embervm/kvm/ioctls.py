@@ -433,7 +433,7 @@ RUN_INTERNAL = RUN_EXIT_UNION
 RUN_SYSTEM_EVENT = RUN_EXIT_UNION
 RUN_UNION_DATA_WORDS = 16
 # struct kvm_run is 2352 bytes; the mmap is larger (PIO data page, coalesced MMIO ring).
-KVM_RUN_SIZE = 2352
+RUN_STRUCT_SIZE = 2352
 
 # -- x86 architectural numbers used when setting vCPUs up ---------------------------------------
 

@@ -401,9 +401,15 @@ class Vcpu:
 
     def set_fpu(self, fcw: int = 0x37F, mxcsr: int = 0x1F80) -> None:
         """KVM_SET_FPU with the x87 control word and MXCSR a CPU has after FNINIT / reset
-        (all exceptions masked, round to nearest); the rest is zero."""
+        (all exceptions masked, round to nearest); the rest is zero.  (The PVM host this was
+        written on ignores MXCSR here and reads it back as 0; its reset value is 0x1f80.)"""
         fpu = k.Fpu(fcw=fcw, mxcsr=mxcsr)
         _call(self.fd, k.KVM_SET_FPU, ctypes.byref(fpu), "KVM_SET_FPU")
+
+    def get_fpu(self) -> k.Fpu:
+        fpu = k.Fpu()
+        _call(self.fd, k.KVM_GET_FPU, ctypes.byref(fpu), "KVM_GET_FPU")
+        return fpu
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS; KvmError if KVM could not read one of them."""
