@@ -29,12 +29,12 @@ def test_kick_from_another_thread_stops_a_spinning_guest(make_guest: GuestFactor
     entered = threading.Event()
 
     def vcpu_thread() -> None:
-        vcpu.bind_thread()
+        vcpu.attach_thread()
         entered.set()
         try:
             results.append(vcpu.run())
         finally:
-            vcpu.unbind_thread()
+            vcpu.detach_thread()
 
     thread = threading.Thread(target=vcpu_thread, name="vcpu0")
     thread.start()
@@ -69,12 +69,31 @@ def test_immediate_exit_returns_without_entering_the_guest(make_guest: GuestFact
     assert vcpu.run() == k.KVM_EXIT_IO
 
 
-def test_kick_without_the_signal_handler_is_refused(make_guest: GuestFactory) -> None:
+@pytest.mark.parametrize("handler", [signal.SIG_DFL, signal.SIG_IGN])
+def test_kick_without_a_signal_handler_is_refused(make_guest: GuestFactory, handler: Any) -> None:
+    # SIG_DFL would kill the process; SIG_IGN would never interrupt KVM_RUN.
     guest = make_guest(SPIN)
-    previous = signal.signal(KICK_SIGNAL, signal.SIG_DFL)
+    previous = signal.signal(KICK_SIGNAL, handler)
     try:
         with pytest.raises(KvmError, match="install_kick_handler"):
             guest.vcpu.kick()
     finally:
         signal.signal(KICK_SIGNAL, previous)
     assert guest.vcpu.immediate_exit == 0
+
+
+def test_kick_after_the_vcpu_thread_ended_signals_nobody(make_guest: GuestFactory) -> None:
+    guest = make_guest(SPIN)
+    vcpu = guest.vcpu
+    thread = threading.Thread(target=vcpu.attach_thread)
+    thread.start()
+    thread.join(JOIN_SECONDS)
+    received: list[int] = []
+    previous = signal.signal(KICK_SIGNAL, lambda signum, frame: received.append(signum))
+    try:
+        vcpu.kick()  # any Python handler will do, not only install_kick_handler()'s
+        signal.pthread_kill(threading.get_ident(), KICK_SIGNAL)  # this one does arrive
+    finally:
+        signal.signal(KICK_SIGNAL, previous)
+    assert received == [KICK_SIGNAL]
+    assert vcpu.immediate_exit == 1

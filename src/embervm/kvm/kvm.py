@@ -10,12 +10,15 @@ Stopping a running vCPU (:meth:`Vcpu.kick`) follows the KVM API documentation
 (``immediate_exit``, Documentation/virt/kvm/api.rst): set ``kvm_run.immediate_exit`` so a
 ``KVM_RUN`` that has not started yet returns at once, then signal the vCPU thread so one that
 is already inside the guest leaves with EINTR.  The signal is :data:`KICK_SIGNAL` and needs a
-handler, installed once from the main thread by :func:`install_kick_handler` (Python only lets
-the main thread install handlers; a signal without one would kill the process).
+Python-level handler (any callable; :func:`install_kick_handler` installs a no-op one), set
+from the main thread because Python only lets the main thread install handlers.  Without one
+the signal would kill the process (SIG_DFL) or never interrupt KVM_RUN (SIG_IGN), so
+:meth:`Vcpu.kick` refuses to send it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -31,7 +34,38 @@ from ..errors import KvmError
 from ..memory import GuestMemory
 from . import ioctls as k
 from .cpuid import CpuidEntry
-from .ioctls import Regs, Sregs
+from .ioctls import (
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_HLT,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_IN,
+    KVM_EXIT_IO_OUT,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_SYSTEM_EVENT,
+    Regs,
+    Sregs,
+)
+
+__all__ = [
+    "EXIT_INTR",
+    "KICK_SIGNAL",
+    "KVM_EXIT_FAIL_ENTRY",
+    "KVM_EXIT_HLT",
+    "KVM_EXIT_INTERNAL_ERROR",
+    "KVM_EXIT_IO",
+    "KVM_EXIT_IO_IN",
+    "KVM_EXIT_IO_OUT",
+    "KVM_EXIT_MMIO",
+    "KVM_EXIT_SHUTDOWN",
+    "KVM_EXIT_SYSTEM_EVENT",
+    "REQUIRED_CAPABILITIES",
+    "Kvm",
+    "Vcpu",
+    "Vm",
+    "install_kick_handler",
+]
 
 # Returned by Vcpu.run() when KVM_RUN was interrupted (EINTR: a signal or immediate_exit;
 # EAGAIN: KVM asks to be called again). Not a KVM exit reason: those are all >= 0.
@@ -366,7 +400,7 @@ class Vcpu:
     :meth:`kick` (and the ``immediate_exit`` property) may be used from any thread.
     """
 
-    __slots__ = ("fd", "index", "run_mmap", "thread_id", "_u8", "_u32", "_kick_lock")
+    __slots__ = ("fd", "index", "run_mmap", "_thread", "_u8", "_u32", "_kick_lock")
 
     def __init__(self, fd: int, index: int, mmap_size: int) -> None:
         self.fd = fd
@@ -377,8 +411,8 @@ class Vcpu:
         # Typed views of the same page: the hot exit_reason read is one index, not an unpack.
         self._u8 = memoryview(self.run_mmap)
         self._u32 = self._u8.cast("I")
-        # The thread inside run(); recorded by the first run() on it (or bind_thread()).
-        self.thread_id: int | None = None
+        # The thread that calls run(): recorded by attach_thread() or by the first run().
+        self._thread: threading.Thread | None = None
         self._kick_lock = threading.Lock()
 
     # -- registers --------------------------------------------------------------------------
@@ -533,8 +567,8 @@ class Vcpu:
         :data:`EXIT_INTR` when KVM_RUN was interrupted (kick, another signal, or
         ``immediate_exit`` already set).  Never retries by itself; ``immediate_exit`` is left
         as it is, so the caller decides when to clear it and run again."""
-        if self.thread_id is None:
-            self.thread_id = threading.get_ident()
+        if self._thread is None:
+            self._thread = threading.current_thread()
         if _ioctl(self.fd, _KVM_RUN, None) < 0:
             err = _get_errno()
             if err in _RUN_INTERRUPTED:
@@ -552,31 +586,42 @@ class Vcpu:
     def immediate_exit(self, value: int) -> None:
         self._u8[k.RUN_IMMEDIATE_EXIT] = value
 
-    def bind_thread(self) -> None:
-        """Record the calling thread as this vCPU's thread (run() does it on first use)."""
-        with self._kick_lock:
-            self.thread_id = threading.get_ident()
+    @property
+    def thread_id(self) -> int | None:
+        """``threading.get_ident()`` of the vCPU thread, once known."""
+        thread = self._thread
+        return thread.ident if thread is not None else None
 
-    def unbind_thread(self) -> None:
-        """Forget the vCPU thread; call it before that thread ends, so a later kick() cannot
-        signal a thread id that no longer exists (or was reused)."""
+    def attach_thread(self) -> None:
+        """Record the calling thread as this vCPU's thread, the one kick() signals. The first
+        run() does it too; call it explicitly when a vCPU moves to another thread."""
         with self._kick_lock:
-            self.thread_id = None
+            self._thread = threading.current_thread()
+
+    def detach_thread(self) -> None:
+        """Forget the vCPU thread (kick() then only sets immediate_exit)."""
+        with self._kick_lock:
+            self._thread = None
 
     def kick(self) -> None:
         """Make this vCPU's KVM_RUN return EXIT_INTR soon, from any thread: sets
         ``immediate_exit`` (covers a vCPU thread that is about to enter KVM_RUN) and sends
         :data:`KICK_SIGNAL` to the vCPU thread (covers one already inside the guest).
-        Requires :func:`install_kick_handler`."""
-        if signal.getsignal(KICK_SIGNAL) is not _noop_kick_handler:
+        Requires a Python handler for the signal (:func:`install_kick_handler`)."""
+        handler = signal.getsignal(KICK_SIGNAL)
+        if not callable(handler):  # SIG_DFL, SIG_IGN, or installed outside Python
             raise KvmError(
-                "Vcpu.kick() needs the kick signal handler: call "
+                "Vcpu.kick() needs a handler for the kick signal: call "
                 "embervm.kvm.install_kick_handler() from the main thread first"
             )
         self._u8[k.RUN_IMMEDIATE_EXIT] = 1
         with self._kick_lock:
-            if self.thread_id is not None:
-                signal.pthread_kill(self.thread_id, KICK_SIGNAL)
+            thread = self._thread
+            # A thread that has ended must not be signalled: its id may be reused or freed.
+            if thread is not None and thread.is_alive() and thread.ident is not None:
+                # ProcessLookupError: it ended between is_alive() and the kill
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
     # -- exit decoding (zero-copy on the kvm_run page) --------------------------------------
 
