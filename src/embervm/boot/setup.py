@@ -166,7 +166,12 @@ class CpuBootState:
 
 @dataclass
 class BootInfo:
-    """The result of :func:`setup_boot`."""
+    """The result of :func:`setup_boot`.
+
+    ``kernel_range`` is the guest-physical [start, end) the kernel occupies: the loaded ELF
+    segments (.bss included) for PVH; for a bzImage, the image at 1 MiB up to the end of the
+    area it decompresses into (runtime start + init_size).  ``initrd_range`` is [start, end).
+    """
 
     kind: str  # "pvh" or "bzimage"
     cpu: CpuBootState
@@ -227,69 +232,77 @@ def setup_boot(
 
     kernel_name = os.fspath(kernel)
     with _open_image(kernel, "kernel") as kf:
-        head = os.pread(kf.fileno(), bz.BZIMAGE_HEAD_SIZE, 0)
-        size = os.fstat(kf.fileno()).st_size
-        if head.startswith(elf.ELF_MAGIC):
-            kind = "pvh"
-            image = elf.parse_pvh_elf(kf, kernel_name)
-            _check_cmdline(cmd, PVH_CMDLINE_MAX - 1, "the PVH boot ABI (COMMAND_LINE_SIZE)")
-            segments = image.segments
-            entry = image.entry
-            kernel_range = image.kernel_range
-            initrd_limit = INITRD_MAX_END_32BIT
-            header: bz.SetupHeader | None = None
-        elif head[bz.HDR_MAGIC_OFFSET : bz.HDR_MAGIC_OFFSET + 4] == bz.HDR_MAGIC:
-            kind = "bzimage"
-            bzi = bz.parse_bzimage(head, size, kernel_name)
-            _check_cmdline(cmd, bzi.header.cmdline_size, f"{kernel_name} (cmdline_size)")
-            segments = (bzi.segment,)
-            entry = bzi.entry
-            kernel_range = bzi.kernel_range
-            initrd_limit = bzi.initrd_max_end
-            header = bzi.header
-            _check_kernel_fits(mem, kernel_name, bzi.runtime_start, kernel_range[1])
-            if kernel_range[1] > IDENTITY_MAP_SIZE:
-                raise ConfigError(
-                    f"{kernel_name} needs memory up to {kernel_range[1]:#x}, beyond the 1 GiB "
-                    "identity map of the 64-bit entry"
-                )
-        else:
-            raise ConfigError(
-                f"{kernel_name} is not a Linux kernel: expected a vmlinux ELF or a bzImage"
-            )
-        for seg in segments:
+        plan = _plan_kernel(kf, kernel_name, cmd)
+        for seg in plan.segments:
             _check_kernel_fits(mem, kernel_name, seg.paddr, seg.end)
-        for seg in segments:
+        if plan.header is not None:
+            # The decompressed kernel's runtime area must be RAM too, and identity-mapped.
+            _check_kernel_fits(mem, kernel_name, *plan.kernel_range)
+            if plan.kernel_range[1] > IDENTITY_MAP_SIZE:
+                raise ConfigError(
+                    f"{kernel_name} needs memory up to {plan.kernel_range[1]:#x}, beyond the "
+                    "1 GiB identity map of the 64-bit entry"
+                )
+        for seg in plan.segments:
             _copy_from_file(mem, kf, seg.offset, seg.paddr, seg.filesz, kernel_name)
             if seg.memsz > seg.filesz:
                 mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
 
     initrd_range = None
     if initrd is not None:
-        initrd_range = _load_initrd(mem, initrd, kernel_range[1], min(low_end, initrd_limit))
+        limit = min(low_end, plan.initrd_limit)
+        initrd_range = _load_initrd(mem, initrd, plan.kernel_range[1], limit)
 
     mem.fill(CMDLINE_START, CMDLINE_AREA_SIZE)
     mem.write(CMDLINE_START, cmd)
     setup_mptable(mem, nr_vcpus)
     _write_gdt_idt(mem)
     e820 = e820_map(mem)
-    if header is None:
+    if plan.header is None:
         _write_pvh_start_info(mem, initrd_range, e820)
-        cpu = _pvh_cpu_state(entry)
+        cpu = _pvh_cpu_state(plan.entry)
     else:
         params = bz.build_boot_params(
-            header,
+            plan.header,
             cmdline_addr=CMDLINE_START,
             initrd=None if initrd_range is None else (initrd_range[0], _span(initrd_range)),
             e820=e820,
         )
         mem.write(ZERO_PAGE_START, params)
         _write_identity_page_tables(mem)
-        cpu = _long_mode_cpu_state(entry)
-    return BootInfo(kind, cpu, kernel_range, initrd_range, cmdline)
+        cpu = _long_mode_cpu_state(plan.entry)
+    return BootInfo(plan.kind, cpu, plan.kernel_range, initrd_range, cmdline)
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _KernelPlan:
+    kind: str
+    segments: tuple[elf.LoadSegment, ...]
+    entry: int
+    kernel_range: tuple[int, int]
+    initrd_limit: int  # exclusive end address the initrd must stay below
+    header: bz.SetupHeader | None  # bzImage only
+
+
+def _plan_kernel(f: BinaryIO, name: str, cmd: bytes) -> _KernelPlan:
+    """Detect the format by content, parse it and check the command line against its limit."""
+    head = os.pread(f.fileno(), bz.BZIMAGE_HEAD_SIZE, 0)
+    if head.startswith(elf.ELF_MAGIC):
+        image = elf.parse_pvh_elf(f, name)
+        _check_cmdline(cmd, PVH_CMDLINE_MAX - 1, "the PVH boot ABI (COMMAND_LINE_SIZE)")
+        return _KernelPlan(
+            "pvh", image.segments, image.entry, image.kernel_range, INITRD_MAX_END_32BIT, None
+        )
+    if head[bz.HDR_MAGIC_OFFSET : bz.HDR_MAGIC_OFFSET + len(bz.HDR_MAGIC)] == bz.HDR_MAGIC:
+        bzi = bz.parse_bzimage(head, os.fstat(f.fileno()).st_size, name)
+        _check_cmdline(cmd, bzi.header.cmdline_size, f"{name} (cmdline_size)")
+        return _KernelPlan(
+            "bzimage", (bzi.segment,), bzi.entry, bzi.kernel_range, bzi.initrd_max_end, bzi.header
+        )
+    raise ConfigError(f"{name} is not a Linux kernel: expected a vmlinux ELF or a bzImage")
 
 
 def _span(r: tuple[int, int]) -> int:
