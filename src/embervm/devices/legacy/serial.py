@@ -16,7 +16,7 @@ What Linux's 8250 driver (``drivers/tty/serial/8250/8250_port.c``) relies on, an
 * ``serial8250_do_startup()``: enabling IER.THRI while the transmitter is empty makes a THRE
   interrupt pending at once, reading the IIR clears it, and re-enabling THRI re-asserts it
   (otherwise Linux flags ``UART_BUG_THRE``/``UART_BUG_TXEN`` and falls back to timers).
-* ``serial8250_console_write()``: polls LSR for THRE|TEMT and writes THR, one byte per exit.
+* ``serial8250_console_write()``: polls LSR for THRE and writes THR, one byte per exit.
   The transmitter is infinitely fast here: LSR always shows THRE|TEMT, so every poll succeeds at
   the first read and a console byte costs exactly two exits (LSR read, THR write).
 
@@ -34,7 +34,7 @@ that does not fit is dropped, counted in ``metrics.rx_dropped``, and reported to
 overrun (LSR.OE, a line-status interrupt if enabled), exactly what a UART does when its FIFO
 overflows.  A producer that wants back-pressure instead reads its source only while
 :meth:`Serial.wants_input` and at most :meth:`Serial.input_room` bytes at a time (the guest
-drains the buffer from vCPU threads only, so the room never shrinks behind the producer's back).
+only empties the buffer, so with a single producer the room can only grow behind its back).
 
 Threading: register accesses come from vCPU threads, :meth:`enqueue_input` from the VMM's I/O
 thread; one lock guards the state.  The callbacks are called after the lock is released, so they
