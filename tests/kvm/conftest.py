@@ -1,8 +1,9 @@
 """Fixtures for the KVM tests: one-vCPU VMs running a few hand-assembled instructions.
 
 Tests marked ``kvm`` are skipped, with the reason, only when /dev/kvm is absent or unusable
-(missing capability, no permission).  Guests start either in real mode (CS base 0) or in flat
-32-bit protected mode (a GDT at 0x500), with their code at ``Guest.CODE`` and a scratch data
+(missing capability, no permission).  Guests start in real mode (CS base 0), in flat 32-bit
+protected mode (a GDT at 0x500) or in 64-bit long mode (identity-mapped 2 MiB pages for low RAM
+and for the MMIO window at 0xd0000000), with their code at ``Guest.CODE`` and a scratch data
 area at ``Guest.DATA``.  Every KVM_RUN made through :meth:`Guest.run` has a watchdog that
 kicks the vCPU, so a guest that never exits fails its test instead of hanging the run.
 
@@ -29,6 +30,12 @@ CODE = 0x1000
 DATA = 0x2000
 GDT = 0x500
 STACK_TOP = 0x8000
+# long64 page tables: PML4 -> one PDPT -> a PD for 0..1 GiB and a PD for 3..4 GiB
+PML4 = 0x9000
+PDPT = 0xA000
+PD_LOW = 0xB000
+PD_GAP = 0xC000
+MMIO_WINDOW = 0xD000_0000
 RAM_SIZE = 0x10000
 # Firecracker's addresses for the Intel real-mode helpers: just below the 4 GiB BIOS area.
 TSS_ADDR = 0xFFFB_D000
@@ -82,8 +89,14 @@ def flat_segment(selector: int, type_: int) -> Segment:
 
 
 # GDT descriptors matching flat_segment(): null, code (0x08, type 0xb), data (0x10, type 0x3)
-# with the accessed bit set, as KVM reports the loaded segments.
-_GDT_ENTRIES = (0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF)
+# with the accessed bit set, as KVM reports the loaded segments; 0x18 is the 64-bit code
+# segment (L=1, D=0).
+_GDT_ENTRIES = (0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF, 0x00AF_9B00_0000_FFFF)
+
+_PTE_P, _PTE_RW, _PTE_PS = 1 << 0, 1 << 1, 1 << 7
+_CR0_PE, _CR0_PG = 1 << 0, 1 << 31
+_CR4_PAE = 1 << 5
+_EFER_LME, _EFER_LMA = 1 << 8, 1 << 10
 
 
 class Guest:
@@ -117,14 +130,22 @@ class Guest:
             # Out of reset CS is f000:fff0 with base 0xffff0000; point it at 0000:CODE.
             sregs.cs.base = 0
             sregs.cs.selector = 0
-        elif mode == "flat32":
-            self.mem.write(GDT, struct.pack("<3Q", *_GDT_ENTRIES))
+        elif mode in ("flat32", "long64"):
+            self.mem.write(GDT, struct.pack(f"<{len(_GDT_ENTRIES)}Q", *_GDT_ENTRIES))
             sregs.gdt.base = GDT
             sregs.gdt.limit = 8 * len(_GDT_ENTRIES) - 1
-            sregs.cr0 |= 1  # PE
+            sregs.cr0 |= _CR0_PE
             sregs.cs = flat_segment(0x08, 0xB)
             for name in ("ds", "es", "fs", "gs", "ss"):
                 setattr(sregs, name, flat_segment(0x10, 0x3))
+            if mode == "long64":
+                self._identity_map()
+                sregs.cr3 = PML4
+                sregs.cr4 |= _CR4_PAE
+                sregs.cr0 |= _CR0_PG
+                sregs.efer |= _EFER_LME | _EFER_LMA
+                sregs.cs = flat_segment(0x18, 0xB)
+                sregs.cs.l, sregs.cs.db = 1, 0
         else:
             raise ValueError(mode)
         self.vcpu.set_sregs(sregs)
@@ -133,6 +154,16 @@ class Guest:
         regs.rsp = STACK_TOP
         regs.rflags = 0x2  # bit 1 is reserved-as-one
         self.vcpu.set_regs(regs)
+
+    def _identity_map(self) -> None:
+        """2 MiB pages: guest-virtual = guest-physical for 0..2 MiB and the MMIO window."""
+        table = _PTE_P | _PTE_RW
+        self.mem.write_u64(PML4, PDPT | table)
+        self.mem.write_u64(PDPT + 8 * 0, PD_LOW | table)
+        self.mem.write_u64(PDPT + 8 * 3, PD_GAP | table)
+        self.mem.write_u64(PD_LOW, 0 | table | _PTE_PS)
+        gap_index = (MMIO_WINDOW - 0xC000_0000) >> 21
+        self.mem.write_u64(PD_GAP + 8 * gap_index, MMIO_WINDOW | table | _PTE_PS)
 
     def run(self) -> int:
         """One KVM_RUN on this (the main) thread; fails the test if the guest does not exit
@@ -172,7 +203,7 @@ class Guest:
 
 @pytest.fixture
 def make_guest(kvm: Kvm) -> Iterator[Callable[..., Guest]]:
-    """``make_guest(code, mode="real"|"flat32", irqchip=False, vcpu_index=0)`` -> Guest,
+    """``make_guest(code, mode="real"|"flat32"|"long64", irqchip=False, vcpu_index=0)`` -> Guest,
     closed after the test."""
     guests: list[Guest] = []
 

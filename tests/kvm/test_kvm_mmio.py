@@ -37,6 +37,14 @@ NOTIFY_WRITES = bytes.fromhex(
     "66 ef"  # out dx, ax
     "f4"  # hlt
 )
+# 64-bit long mode (.code64): 8-byte accesses, which only long mode makes with plain `mov`.
+MMIO_QWORDS = bytes.fromhex(
+    "48 b8 88 77 66 55 44 33 22 11"  # mov rax, 0x1122334455667788
+    "48 a3 00 00 00 d0 00 00 00 00"  # mov [0xd0000000], rax
+    "48 a1 08 00 00 d0 00 00 00 00"  # mov rax, [0xd0000008]
+    "48 89 04 25 00 20 00 00"  # mov [0x2000], rax
+    "f4"  # hlt
+)
 NOTIFY_ADDR = 0xD000_0050
 NOTIFY_PORT = 0x510
 
@@ -86,6 +94,18 @@ def test_mmio_read_returns_the_value_set_by_the_vmm(make_guest: GuestFactory) ->
     guest.run_expect(k.KVM_EXIT_HLT)
     assert guest.mem.read_u32(guest.DATA) == 0xCAFEF00D
     assert guest.mem.read_u32(guest.DATA + 4) == 0x5678
+
+
+def test_eight_byte_mmio_from_long_mode_round_trips(make_guest: GuestFactory) -> None:
+    guest = make_guest(MMIO_QWORDS, mode="long64")
+    guest.run_expect(k.KVM_EXIT_MMIO)
+    assert guest.vcpu.mmio_exit() == (0xD000_0000, 0x1122_3344_5566_7788, 8, True)
+    guest.run_expect(k.KVM_EXIT_MMIO)
+    addr, _, length, is_write = guest.vcpu.mmio_exit()
+    assert (addr, length, is_write) == (0xD000_0008, 8, False)
+    guest.vcpu.set_mmio_data(0xFEDC_BA98_7654_3210, 8)
+    guest.run_expect(k.KVM_EXIT_HLT)
+    assert guest.mem.read_u64(guest.DATA) == 0xFEDC_BA98_7654_3210
 
 
 def test_set_mmio_data_rejects_impossible_lengths(make_guest: GuestFactory) -> None:
