@@ -39,5 +39,14 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# Rebuild the embedded guest from guest/ (Debian linux-source-6.1; ~11 min on 2 cores).
+guest:
+	guest/build.sh --install-deps out/guest
+	xz -9 -T2 -c out/guest/vmlinux-full > src/embervm/guest/vmlinux-full.xz
+	xz -9 -T2 -c out/guest/vmlinux-base > src/embervm/guest/vmlinux-base.xz
+	xz -9 -T2 -c out/guest/initramfs-busybox.cpio > src/embervm/guest/initramfs-busybox.cpio.xz
+	cp out/guest/initramfs-tiny.cpio.gz src/embervm/guest/
+	cd src/embervm/guest && sha256sum *.xz *.gz > SHA256SUMS
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .coverage

@@ -420,6 +420,9 @@ class MmioTransport:
         if offset == spec.QUEUE_READY and not self.legacy:
             self._set_queue_ready(i, q, value == 1)
             return
+        if self.legacy and offset == spec.QUEUE_PFN:
+            self._set_legacy_pfn(i, q, value)
+            return
         if self._queue_live(i):
             # Seed audit #9: never re-point a live ring.
             self._bad(("qlive", offset), "queue %d register %#x written while ready: ignored",
@@ -429,8 +432,6 @@ class MmioTransport:
             q.size = value
         elif self.legacy and offset == spec.QUEUE_ALIGN:
             self.legacy_queues[i].align = value
-        elif self.legacy and offset == spec.QUEUE_PFN:
-            self._set_legacy_pfn(i, q, value)
         elif self.legacy:
             self._bad(("legacyreg", offset), "register %#x does not exist on legacy", offset)
         elif offset == spec.QUEUE_DESC_LOW:
@@ -471,12 +472,24 @@ class MmioTransport:
         self.notify_hook(i)
 
     def _set_legacy_pfn(self, i: int, q: QueueConfig, pfn: int) -> None:
-        self.legacy_queues[i].pfn = pfn
-        if pfn and self.status & spec.STATUS_DRIVER_OK and self.device.active:
+        """Legacy QueuePFN: non-zero = the queue's ring is here, 0 = stop using the queue."""
+        lq = self.legacy_queues[i]
+        if pfn == lq.pfn:
+            return
+        if pfn == 0:
+            lq.pfn = 0
+            if self.device.active:
+                self.device.set_queue(i, None)
+            return
+        if lq.pfn:
+            self._bad(("qlive", spec.QUEUE_PFN), "queue %d PFN written while in use: ignored", i)
+            return
+        lq.pfn = pfn
+        if self.status & spec.STATUS_DRIVER_OK and self.device.active:
             try:
                 runtime = self._build_queue(i, q)
             except QueueError as e:
-                self.legacy_queues[i].pfn = 0
+                lq.pfn = 0
                 self._bad(("qinvalid", i), "queue %d refused: %s", i, e)
                 return
             self.device.set_queue(i, runtime)
