@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from embervm.errors import KvmError
 from embervm.kvm import Kvm, Vm
 from embervm.kvm import ioctls as k
+from embervm.kvm import kvm as kvm_module
 from embervm.memory import GuestMemory
 
 GuestFactory = Callable[..., Any]  # the make_guest fixture (tests/kvm/conftest.py)
@@ -26,6 +28,32 @@ def test_missing_device_names_the_path_and_the_fix() -> None:
 
 def test_a_file_that_is_not_kvm_is_refused() -> None:
     with pytest.raises(KvmError, match="/dev/null is not a KVM device"):
+        Kvm("/dev/null")
+
+
+@pytest.mark.parametrize(
+    ("error", "advice"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "add yourself to the kvm group"),
+        (OSError(errno.ENXIO, "No such device or address"), "load the kvm module"),
+    ],
+)
+def test_open_failures_say_how_to_fix_them(
+    monkeypatch: pytest.MonkeyPatch, error: OSError, advice: str
+) -> None:
+    def refuse(path: str, flags: int) -> int:
+        raise error
+
+    monkeypatch.setattr(kvm_module.os, "open", refuse)
+    with pytest.raises(KvmError, match=advice) as info:
+        Kvm("/dev/kvm")
+    assert "/dev/kvm" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_an_unexpected_api_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvm_module, "_ioctl", lambda fd, request, arg: 11)
+    with pytest.raises(KvmError, match="API version 11; embervm needs 12"):
         Kvm("/dev/null")
 
 

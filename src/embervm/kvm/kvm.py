@@ -94,9 +94,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _ioctl.restype = ctypes.c_int
-# KVM_RUN gets its own function object without argtypes: ctypes' per-call argument
-# conversion costs ~1 us, a tenth of a whole exit here. Plain ints are passed as C int and
-# widened to 64 bits by libffi; KVM_RUN (0xae80) is positive and ignores its argument.
+# KVM_RUN gets its own function object without argtypes: converting through argtypes cost
+# ~0.4 us per exit in the PIO loop of tests/kvm (8.5 -> 8.1 us; C does the exit in ~7.0 us).
+# Plain ints are passed as C int and widened to 64 bits by libffi; KVM_RUN (0xae80) is
+# positive and ignores its argument.
 _ioctl_run = _libc["ioctl"]  # item access makes a new object; attribute access is cached
 _ioctl_run.restype = ctypes.c_int
 _get_errno = ctypes.get_errno
