@@ -38,7 +38,7 @@ def test_rng_probe_activate_reset_cycles(mem, kw, indirect):
     irqs = []
     t = MmioTransport(rng, mem, interrupt=lambda: irqs.append(1), **kw)
     seen = set()
-    for cycle in range(4):
+    for _cycle in range(4):
         drv = MmioDriver(t, mem)
         features = drv.probe()
         assert drv.has(spec.VIRTIO_F_RING_PACKED) == bool(kw.get("packed"))

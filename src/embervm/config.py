@@ -1,0 +1,90 @@
+"""The typed configuration of one VM, validated before anything is created.
+
+Every check here turns bad user input into a :class:`~embervm.errors.ConfigError` whose message
+says what to fix; the CLI prints it on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+# Required on this project's PVM host (see guest/README.md): without them the kit kernel
+# cannot boot.  embervm puts them first; the user's words follow and may override.
+CMDLINE_REQUIRED = (
+    "console=ttyS0 panic=-1 reboot=k noxsave clearcpuid=smap,popcnt,cx16,erms,fsrm,rep_good"
+)
+# Recommended: each saves boot time under emulation.  tsc_early_khz= is added from
+# KVM_GET_TSC_KHZ at start-up.
+CMDLINE_RECOMMENDED = "quiet noreplace-smp percpu_alloc=page rodata=off"
+
+MAX_VCPUS = 8  # the kit kernel has NR_CPUS=8
+MIN_MEM_MIB = 32
+MAX_MEM_MIB = 64 * 1024
+
+
+@dataclass
+class DiskConfig:
+    path: Path
+    read_only: bool = False
+    id: str | None = None
+
+
+@dataclass
+class SerialConfig:
+    kind: str = "stdio"  # "stdio" | "file" | "null"
+    path: Path | None = None
+
+
+@dataclass
+class VmConfig:
+    kernel: Path | None = None  # None: the embedded default kernel
+    initrd: Path | None = None  # None: the embedded default initramfs (with the default kernel)
+    cmdline: str | None = None  # None: required + recommended words
+    append: str = ""
+    mem_mib: int = 256
+    vcpus: int = 1
+    disks: list[DiskConfig] = field(default_factory=list)
+    serial: SerialConfig = field(default_factory=SerialConfig)
+    rng: bool = False
+
+    def validate(self) -> None:
+        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
+            raise ConfigError(
+                f"--mem {self.mem_mib}: guest memory must be between {MIN_MEM_MIB} and "
+                f"{MAX_MEM_MIB} MiB"
+            )
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus {self.vcpus}: must be between 1 and {MAX_VCPUS}")
+        for label, p in (("--kernel", self.kernel), ("--initrd", self.initrd)):
+            if p is not None:
+                check_readable_file(p, label)
+        seen: set[str] = set()
+        for d in self.disks:
+            check_readable_file(d.path, "--disk")
+            if not d.read_only and not os.access(d.path, os.W_OK):
+                raise ConfigError(f"--disk {d.path}: not writable; add ',ro' to attach read-only")
+            if d.id is not None:
+                if len(d.id.encode()) > 20:
+                    raise ConfigError(f"--disk id={d.id}: at most 20 bytes (virtio-blk serial)")
+                if d.id in seen:
+                    raise ConfigError(f"--disk id={d.id}: used twice")
+                seen.add(d.id)
+        if len(self.disks) > 8:
+            raise ConfigError("at most 8 disks")
+        if self.serial.kind == "file" and self.serial.path is not None:
+            parent = self.serial.path.parent
+            if not parent.is_dir():
+                raise ConfigError(f"--serial file:{self.serial.path}: {parent} is not a directory")
+
+
+def check_readable_file(path: Path, label: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"{label} {path}: no such file")
+    if path.is_dir():
+        raise ConfigError(f"{label} {path}: is a directory, expected a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{label} {path}: permission denied")
