@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embervm.boot import setup_boot
 from embervm.boot.elf import XEN_ELFNOTE_PHYS32_ENTRY, iter_elf_notes, parse_pvh_elf
@@ -174,3 +177,42 @@ def test_truncated_elf_header_is_a_config_error(tmp_path: Path) -> None:
 def test_elf_of_other_class_bytes_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a valid ELF"):
         parse(tmp_path, b"\x7fELF\x07\x01\x01" + bytes(100))
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_program_header_offset_beyond_any_file_is_a_config_error(
+    tmp_path: Path, in_memory: bool
+) -> None:
+    data = bytearray(make_elf(pvh_note(LOAD_PADDR)))
+    struct.pack_into("<Q", data, 32, 0xFFFF_FFFF_FFFF_FFF0)  # e_phoff
+    with pytest.raises(ConfigError, match="not a valid ELF"):
+        if in_memory:  # BytesIO.seek raises OverflowError where a file raises ValueError
+            parse_pvh_elf(io.BytesIO(bytes(data)), "vmlinux")
+        else:
+            parse(tmp_path, bytes(data))
+
+
+_VALID = make_elf(note(b"GNU", 3, b"id") + pvh_note(LOAD_PADDR))
+# Bytes worth corrupting: ELF header + program headers, and the notes after CODE.
+_POSITIONS = st.one_of(
+    st.integers(0, 64 + 2 * 56 - 1), st.integers(LOAD_OFFSET + len(CODE), len(_VALID) - 1)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(st.tuples(_POSITIONS, st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, len(_VALID))),
+)
+def test_corrupted_elf_gives_a_sound_load_plan_or_config_error_only(
+    edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    data = bytearray(_VALID)
+    for pos, value in edits:
+        data[pos] = value
+    try:
+        kernel = parse_pvh_elf(io.BytesIO(bytes(data[:cut])), "vmlinux")
+    except ConfigError:
+        return
+    assert any(s.paddr <= kernel.entry < s.paddr + s.filesz for s in kernel.segments)
+    assert all(s.filesz <= s.memsz for s in kernel.segments)

@@ -129,7 +129,7 @@ def parse_pvh_elf(stream: BinaryIO, name: str = "kernel") -> ElfKernel:
                     if owner == XEN_ELFNOTE_OWNER and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
                         entry = _pvh_entry_from_desc(desc)
                         break
-    except (ELFError, ConstructError, struct.error, ValueError) as e:
+    except (ELFError, ConstructError, struct.error, ValueError, OverflowError) as e:
         raise ConfigError(f"{name} is not a valid ELF file ({e})") from None
     if not loads:
         raise ConfigError(f"{name} has no loadable (PT_LOAD) segments")
