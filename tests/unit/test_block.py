@@ -325,6 +325,8 @@ def test_writes_are_synced_before_completion_when_flush_is_not_negotiated(image,
     assert d.write(0, b"\x01" * 512) == VIRTIO_BLK_S_OK
     # §5.2.6.2: FLUSH offered but not negotiated → a completed write must be stable.
     assert len(synced) == 1
+    assert d.request([hdr(VIRTIO_BLK_T_WRITE_ZEROES), seg(0, 8)], [1])[2] == VIRTIO_BLK_S_OK
+    assert len(synced) == 2
 
 
 def test_failed_flush_reports_ioerr(image, disks, monkeypatch):
@@ -456,6 +458,35 @@ def test_fallocate_io_error_is_reported_as_ioerr(image, disks, monkeypatch):
     monkeypatch.setattr(blockmod, "fallocate", fail)
     _length, _bufs, status = d.request([hdr(VIRTIO_BLK_T_DISCARD), seg(0, 8)], [1])
     assert status == VIRTIO_BLK_S_IOERR
+
+
+def test_write_zeroes_may_unmap_is_clear_where_holes_cannot_be_punched(image, disks, monkeypatch):
+    path, original = image
+    modes: list[int] = []
+    real = blockmod.fallocate
+
+    def no_punch(fd: int, mode: int, offset: int, length: int) -> None:
+        modes.append(mode)
+        if mode & blockmod.FALLOC_FL_PUNCH_HOLE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        real(fd, mode, offset, length)
+
+    monkeypatch.setattr(blockmod, "fallocate", no_punch)
+    d = disks(path)
+    assert d.drv.read_config(56, 1) == 0
+    modes.clear()
+    flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    length, _bufs, status = d.request([hdr(VIRTIO_BLK_T_WRITE_ZEROES), seg(4, 4, flags)], [1])
+    assert status == VIRTIO_BLK_S_OK
+    assert modes == [blockmod._ZERO_RANGE]  # unmap allowed, but the device knows it cannot
+    assert d.file()[4 * 512 : 8 * 512] == bytes(2048)
+    assert d.file()[8 * 512 :] == original[8 * 512 :]
+
+
+def test_fallocate_wrapper_raises_oserror_with_the_errno():
+    with pytest.raises(OSError) as e:
+        blockmod.fallocate(-1, blockmod._PUNCH, 0, 512)
+    assert e.value.errno == errno.EBADF
 
 
 def test_discard_with_the_unmap_flag_or_unknown_flags_is_unsupp(image, disks):
@@ -604,6 +635,16 @@ def test_a_read_write_image_is_locked_until_closed(image):
     Block(path).close()
 
 
+def test_an_image_on_a_filesystem_without_locks_is_used_unlocked(image, disks, monkeypatch, caplog):
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(blockmod.fcntl, "flock", no_locks)
+    d = disks(image[0])
+    assert "cannot be locked" in caplog.text
+    assert d.write(0, b"\x01" * 512) == VIRTIO_BLK_S_OK
+
+
 # -- host I/O errors ------------------------------------------------------------------------------
 
 
@@ -669,6 +710,15 @@ def test_requests_with_more_segments_than_iov_max_are_batched(image, disks, monk
     assert b"".join(bufs[:-1]) == data
 
 
+def test_reading_past_an_image_truncated_under_the_device_is_ioerr(image, disks):
+    path, original = image
+    d = disks(path)
+    os.truncate(path, DISK_SIZE // 2)  # someone else shrank the file
+    length, _bufs, status = d.request([hdr(VIRTIO_BLK_T_IN, CAPACITY - 1)], [512, 1])
+    assert (status, length) == (VIRTIO_BLK_S_IOERR, 1)
+    assert d.read(0, 512) == (VIRTIO_BLK_S_OK, original[:512])
+
+
 def test_requests_after_close_fail_with_ioerr(image, disks):
     d = disks(image[0])
     d.blk.close()
@@ -715,6 +765,20 @@ def test_size_not_a_multiple_of_512_is_a_config_error_that_says_so(tmp_path):
     with pytest.raises(ConfigError, match="not a multiple of 512") as e:
         Block(path)
     assert "truncate -s 1024" in str(e.value)
+
+
+def test_unopenable_path_is_a_config_error_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError, match="cannot open disk image .*File name too long"):
+        Block(tmp_path / ("x" * 300))
+
+
+def test_host_error_while_checking_the_image_is_a_config_error(image, monkeypatch):
+    def broken(fd: int, op: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(blockmod.fcntl, "flock", broken)
+    with pytest.raises(ConfigError, match="cannot use disk image .*Input/output error"):
+        Block(image[0])
 
 
 def test_empty_image_is_a_config_error(tmp_path):

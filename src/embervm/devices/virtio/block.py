@@ -33,6 +33,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import stat
 import struct
@@ -43,6 +44,8 @@ from ...errors import ConfigError
 from . import spec
 from .device import ConfigField, VirtioDevice
 from .queue import ChainReader, ChainWriter, DescriptorChain, Virtqueue
+
+log = logging.getLogger(__name__)
 
 # -- §5.2.3 feature bits (Linux include/uapi/linux/virtio_blk.h names) -------------------------
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -334,6 +337,13 @@ class Block(VirtioDevice):
                     f"disk image {path} is in use by another VM or process (it is locked); "
                     f"two writers would corrupt it"
                 ) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                    raise
+                # Filesystems without locks (some NFS setups): run unlocked, as QEMU does.
+                log.warning(
+                    "disk image %s cannot be locked (%s); using it unlocked", path, e.strerror
+                )
             # Block devices report st_size 0: the end of the device is its size.
             size = os.lseek(fd, 0, os.SEEK_END)
             if size == 0:
