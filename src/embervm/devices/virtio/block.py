@@ -25,6 +25,12 @@ IN = data + 1, GET_ID = id bytes + 1, everything else (and every error) = 1.
 
 Read-only disks offer VIRTIO_BLK_F_RO and do *not* offer DISCARD/WRITE_ZEROES: Linux then never
 sends them, and if a driver sends them anyway they fail with IOERR like any other write.
+
+Durability (§5.2.6.2): FLUSH is always offered and answered with ``fdatasync``; a driver that
+does not negotiate it gets write-through behaviour (``fdatasync`` before each write completes).
+DISCARD punches holes; WRITE_ZEROES zeroes in place (ZERO_RANGE) and punches only with its unmap
+flag; where the filesystem refuses a mode the device writes zeroes instead, so both always read
+back as zeroes.
 """
 
 from __future__ import annotations
