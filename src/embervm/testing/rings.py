@@ -54,8 +54,11 @@ __all__ = [
     "DriverSplitRing",
     "GuestAllocator",
     "RingFullError",
+    "check_traffic",
+    "driver_and_queue",
     "fuzz_queue_once",
     "queue_config",
+    "ring_features",
 ]
 
 _DESC = struct.Struct("<QIHH")  # split: addr len flags next / packed: addr len id flags
@@ -244,6 +247,11 @@ class DriverSplitRing:
         """Write descriptor ``index`` of the table directly."""
         self.mem.write(self.desc_addr + 16 * index, _DESC.pack(addr, length, flags, next))
 
+    def claim(self, *indices: int) -> None:
+        """Take descriptors out of the free list, for a test that writes them raw."""
+        for i in indices:
+            self._free.remove(i)
+
     def publish(self, head: int) -> None:
         """Put ``head`` in the next avail slot and bump avail.idx (no bookkeeping)."""
         slot = self._avail_idx % self.size
@@ -411,6 +419,30 @@ class DriverPackedRing:
         self.mem.write(base, struct.pack("<QIH", addr, length, ident))
         self.mem.write_u16(base + 14, flags)
 
+    def add_raw(self, descs: list[tuple[int, int, int]], ident: int) -> None:
+        """Make ``(addr, len, flags)`` descriptors available as buffer ``ident``, unchecked.
+
+        The AVAIL/USED bits are added for each slot's wrap counter and the head is written
+        last; the kit accounts the slots, so the device may return the buffer as usual.
+        """
+        if len(descs) > self._free_slots or ident not in self._ids:
+            raise RingFullError(f"{len(descs)} slots / id {ident} not free")
+        self._ids.remove(ident)
+        slot, wrap = self._next_avail, self._avail_wrap
+        writes = []
+        for a, n, f in descs:
+            writes.append((slot, a, n, f | self.avail_flags(wrap)))
+            slot += 1
+            if slot == self.size:
+                slot = 0
+                wrap ^= 1
+        for w in writes[1:] + writes[:1]:
+            self.write_desc(w[0], w[1], w[2], ident, w[3])
+        self._next_avail, self._avail_wrap = slot, wrap
+        self._free_slots -= len(descs)
+        self._num_added += len(descs)
+        self._out[ident] = _Request([len(descs)], [], None)
+
     def add(self, readable: list[bytes], writable: list[int], *, indirect: bool = False) -> int:
         """Place the buffers, write the descriptors (head flags last); return the buffer id."""
         mem = self.mem
@@ -524,6 +556,163 @@ class DriverPackedRing:
         self.set_event(RING_EVENT_FLAGS_DISABLE if on else RING_EVENT_FLAGS_ENABLE, off_wrap)
 
 
+def ring_features(*, packed: bool = False, event_idx: bool = False, indirect: bool = False) -> int:
+    """The negotiated feature mask for a queue with these ring features."""
+    features = 0
+    if packed:
+        features |= bit(VIRTIO_F_RING_PACKED)
+    if event_idx:
+        features |= bit(VIRTIO_F_EVENT_IDX)
+    if indirect:
+        features |= bit(VIRTIO_F_INDIRECT_DESC)
+    return features
+
+
+def driver_and_queue(
+    mem: GuestMemory,
+    alloc: GuestAllocator,
+    size: int,
+    *,
+    packed: bool = False,
+    event_idx: bool = False,
+    indirect: bool = False,
+    index: int = 0,
+) -> tuple[DriverSplitRing | DriverPackedRing, Virtqueue]:
+    """A driver ring and the device queue built on it, with the given features negotiated.
+
+    ``indirect`` negotiates INDIRECT_DESC; the driver still only uses indirect tables when a
+    test asks for them (``add(..., indirect=True)``).
+    """
+    ring: DriverSplitRing | DriverPackedRing
+    if packed:
+        ring = DriverPackedRing(mem, alloc, size, event_idx=event_idx)
+    else:
+        ring = DriverSplitRing(mem, alloc, size, event_idx=event_idx)
+    features = ring_features(packed=packed, event_idx=event_idx, indirect=indirect)
+    return ring, make_queue(index, queue_config(ring), mem, features)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model of well-behaved traffic, for property tests
+# ---------------------------------------------------------------------------------------------
+
+
+def check_traffic(
+    ring: DriverSplitRing | DriverPackedRing, q: Virtqueue, ops: Sequence[tuple[int, int]]
+) -> int:
+    """Run driver and device steps ``ops`` = [(kind, seed)] and check three properties.
+
+    * exactly once: every buffer added comes back once, with the bytes the device wrote;
+    * no lost interrupt: after each device decision, if used buffers are waiting that the
+      driver has not seen, the driver was interrupted since it last re-armed (Linux
+      ``virtqueue_enable_cb``: used_event = last seen, or clear NO_INTERRUPT);
+    * no lost kick: the device sleeps only after ``enable_notifications()`` said the ring was
+      empty, and whenever it sleeps with buffers available the driver's ``kick_needed()`` woke it.
+
+    Kinds: 0 driver adds 1-3 chains then decides on a kick; 1 device pops; 2 device completes a
+    held chain; 3 device interrupt decision; 4 driver consumes used buffers and re-arms;
+    5 device goes idle (enable_notifications) or busy (disable_notifications).  Raises
+    AssertionError on a violation; returns the number of buffers that made the round trip.
+    """
+    expected: dict[int, tuple[bytes, int]] = {}  # token -> (readable bytes, writable size)
+    written: dict[int, bytes] = {}  # token -> what the device wrote
+    held: list[DescriptorChain] = []
+    awake = False  # the device starts idle, kicks enabled (as after DRIVER_OK)
+    irq_since_arm = False  # the driver starts armed (used_event 0 / NO_INTERRUPT clear)
+    counter = 0
+    done = 0
+
+    def driver_consume() -> None:
+        nonlocal done, irq_since_arm
+        for token, ln, contents in ring.get_used():
+            assert token in written, f"buffer {token} returned but never completed"
+            data = written.pop(token)
+            assert ln == len(data), (token, ln, len(data))
+            got = b"".join(contents)
+            assert got[:ln] == data and not got[ln:].strip(b"\0"), token
+            done += 1
+        if ring.event_idx:
+            ring.set_used_event(ring.used_idx)
+        irq_since_arm = False
+
+    def device_decide() -> None:
+        nonlocal irq_since_arm
+        if q.needs_interrupt():
+            irq_since_arm = True
+        if _used_waiting(ring):
+            assert irq_since_arm, "used buffers waiting but the driver was never interrupted"
+
+    def complete(chain: DescriptorChain, seed: int) -> None:
+        w = chain.writer()
+        n = seed % (chain.writable_len + 1)
+        data = bytes((chain.head * 7 + k) & 0xFF for k in range(n))
+        w.write(data)
+        q.add_used(chain, w.written)
+        written[chain.head] = data
+
+    for kind, seed in ops:
+        if kind == 0:
+            for k in range(1 + seed % 3):
+                s = seed >> (4 * k)
+                nread, nwrite = s % 3, (s >> 2) % 3
+                if nread + nwrite == 0:
+                    nwrite = 1
+                readable = [bytes([counter & 0xFF]) * (1 + (s >> j) % 9) for j in range(nread)]
+                writable = [1 + (s >> j) % 13 for j in range(nwrite)]
+                counter += 1
+                try:
+                    token = ring.add(readable, writable, indirect=bool(s & 16 and q.indirect))
+                except RingFullError:
+                    break
+                assert token not in expected and token not in written, f"token {token} in use"
+                expected[token] = (b"".join(readable), sum(writable))
+            if ring.kick_needed():
+                awake = True
+        elif kind == 1 and awake:
+            chain = q.pop()
+            if chain is not None:
+                data, wsize = expected.pop(chain.head)
+                assert chain.reader().read() == data, chain.head
+                assert chain.writable_len == wsize, chain.head
+                held.append(chain)
+        elif kind == 2 and held:
+            complete(held.pop(seed % len(held)), seed)
+        elif kind == 3:
+            device_decide()
+        elif kind == 4:
+            driver_consume()
+        elif kind == 5 and awake:
+            if seed & 1:
+                q.disable_notifications()
+            elif not q.enable_notifications():
+                awake = False
+        if not awake:
+            assert not q.has_available(), "device asleep with buffers available: kick lost"
+    # Drain: the device finishes everything, the driver collects it.
+    awake = True
+    while (chain := q.pop()) is not None:
+        data, _ = expected.pop(chain.head)
+        assert chain.reader().read() == data
+        held.append(chain)
+    for chain in held:
+        complete(chain, chain.head)
+    device_decide()
+    driver_consume()
+    assert not expected and not written and ring.outstanding == 0
+    return done
+
+
+def _used_waiting(ring: DriverSplitRing | DriverPackedRing) -> bool:
+    """Whether the device has published used buffers the driver has not consumed yet."""
+    if isinstance(ring, DriverSplitRing):
+        return ring.mem.read_u16(ring.device_addr + 2) != ring.used_idx
+    flags = ring.mem.read_u16(ring.desc_addr + 16 * (ring.used_idx & 0x7FFF) + 14)
+    wrap = bool(ring.used_idx >> 15)
+    return bool(flags & VIRTQ_DESC_F_AVAIL) == bool(flags & VIRTQ_DESC_F_USED) == wrap and bool(
+        ring.outstanding
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Fuzzing entry point
 # ---------------------------------------------------------------------------------------------
@@ -552,10 +741,16 @@ def _assert_in_ram(mem: GuestMemory, chain: DescriptorChain) -> None:
 def fuzz_queue_once(data: bytes) -> None:
     """Build a queue from ``data`` and drive it; only :class:`QueueError` is caught.
 
-    Layout of ``data``: byte 0 feature choice (bit 0 packed, bit 1 indirect, bit 2 event_idx),
-    byte 1 queue size, bytes 2..7 three u16 ring addresses, byte 8 op count, then that many op
-    bytes, then an image copied into guest RAM at 0 (descriptors, rings and buffers).  Any other
-    exception, or a segment outside RAM, is a bug and propagates.
+    Any other exception, or a segment outside RAM, is a bug and propagates.  Layout of ``data``:
+
+    * byte 0: bit 0 packed, bit 1 INDIRECT_DESC, bit 2 EVENT_IDX; bit 3 raw ring addresses
+      (else aligned and folded into low RAM); bits 4-6 put the desc/driver/device area in the
+      second RAM region; bit 7 "tame" the image: fold every 16-byte chunk's descriptor fields
+      and the split ring's indices into plausible ranges, so random input reaches the data path;
+    * byte 1: queue size (split: ``1 << (b % 9)``);
+    * bytes 2-7: three le16 ring addresses;
+    * byte 8: op count (at most 64), then the op bytes (see ``_drive``);
+    * the rest: an image copied into low RAM at 0 (descriptors, rings, buffers).
     """
     if len(data) < 9:
         return
@@ -565,34 +760,70 @@ def fuzz_queue_once(data: bytes) -> None:
     low.view[:] = _FUZZ_ZERO
     high.view[:] = _FUZZ_ZERO[: high.size]
     sel = data[0]
-    features = 0
-    if sel & 1:
-        features |= bit(VIRTIO_F_RING_PACKED)
-    if sel & 2:
-        features |= bit(VIRTIO_F_INDIRECT_DESC)
-    if sel & 4:
-        features |= bit(VIRTIO_F_EVENT_IDX)
+    packed = bool(sel & 1)
+    features = ring_features(packed=packed, indirect=bool(sel & 2), event_idx=bool(sel & 4))
     size = data[1] or 1
-    if not sel & 1:
+    if not packed:
         size = 1 << (size % 9)  # split: 1..256
-    desc, driver, device = struct.unpack_from("<HHH", data, 2)
+    addrs = list(struct.unpack_from("<HHH", data, 2))
     nops = min(data[8], _FUZZ_OPS)
     ops = data[9 : 9 + nops]
     image = data[9 + nops : 9 + nops + low.size]
     low.view[: len(image)] = image
 
+    # Ring addresses: raw 16-bit values (misaligned, outside RAM, straddling a region end all
+    # occur), or aligned and folded into the part of RAM the image covers (or the high region),
+    # so that the rings hold fuzz bytes rather than zeros.
+    aligns = (16, 4, 4) if packed else (16, 2, 4)
+    for i in range(3):
+        moved = sel >> (4 + i) & 1
+        if sel & 8:
+            addrs[i] |= 0x8000 if moved else 0
+        else:
+            span = high.size if moved else max(len(image), 64)
+            addrs[i] = (addrs[i] % span & -aligns[i]) + (high.guest_addr if moved else 0)
     cfg = QueueConfig(256)
     cfg.size = size
-    # Addresses: 16 bits from the data, and bits 4-6 of byte 0 move a ring up by 0x8000 (the
-    # second region), so rings outside RAM, straddling a region end and in either region occur.
-    cfg.desc_addr = desc | (0x8000 if sel & 0x10 else 0)
-    cfg.driver_addr = driver | (0x8000 if sel & 0x20 else 0)
-    cfg.device_addr = device | (0x8000 if sel & 0x40 else 0)
+    cfg.desc_addr, cfg.driver_addr, cfg.device_addr = addrs
     try:
         q = make_queue(0, cfg, mem, features)
     except QueueError:
         return
+    if sel & 0x80:
+        _tame(mem, len(image), size, None if packed else cfg.driver_addr)
     _drive(q, mem, ops)
+
+
+_FUZZ_ADDR_SPAN = 0x9000  # low RAM, the hole and the high region
+_FUZZ_LEN_SPAN = 0x400
+
+
+def _tame(mem: GuestMemory, nbytes: int, size: int, avail: int | None) -> None:
+    """Fold the image into plausible rings (see :func:`fuzz_queue_once`, bit 7)."""
+    low = mem.regions[0]
+    n = nbytes & ~15
+    span, lspan, nspan = _FUZZ_ADDR_SPAN, _FUZZ_LEN_SPAN, size + 1
+    if avail is None:  # packed: addr, len, id, flags - bit 8 of flags makes a slot available
+        avail_bits = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+        chunks = [
+            _DESC.pack(
+                a % span, ln % lspan, i, f & ~avail_bits | VIRTQ_DESC_F_AVAIL if f & 0x100 else f
+            )
+            for a, ln, i, f in _DESC.iter_unpack(low.mmap[:n])
+        ]
+    else:  # split: addr, len, flags, next - next mostly in range, one over sometimes
+        chunks = [
+            _DESC.pack(a % span, ln % lspan, f & 7, x % nspan)
+            for a, ln, f, x in _DESC.iter_unpack(low.mmap[:n])
+        ]
+    low.view[:n] = b"".join(chunks)
+    if avail is not None:
+        # avail.idx at most size + 1 ahead (one over: the ring error), heads mostly in range.
+        idx = mem.read_u16(avail + 2)
+        mem.write_u16(avail + 2, idx % (size + 2))
+        for i in range(size):
+            a = avail + 4 + 2 * i
+            mem.write_u16(a, mem.read_u16(a) % (size + 1))
 
 
 def _drive(q: Virtqueue, mem: GuestMemory, ops: bytes) -> None:

@@ -96,19 +96,12 @@ _F_USED = VIRTQ_DESC_F_USED
 # (store→load ordering included, which TSO does not otherwise give).  Cost ~0.1 µs.  On aarch64
 # the acquire/release pair is not a full fence in theory; embervm targets x86-64 hosts.
 _FENCE = threading.Lock()
-_fence_acquire = _FENCE.acquire
-_fence_release = _FENCE.release
 
 
 def full_barrier() -> None:
     """Order every earlier guest-RAM store before every later load (virtio.md §4.7)."""
-    _fence_acquire()
-    _fence_release()
-
-
-def _vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    # §2.7.7.2 / Linux vring_need_event (same as spec.vring_need_event, inlined for speed).
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,8 +645,7 @@ class SplitQueue(Virtqueue):
         self._pending = False
         # used.idx must be visible before we read the driver's suppression state, or the driver
         # may see the old used.idx, go to sleep, and we skip the interrupt (QEMU: smp_mb()).
-        _fence_acquire()
-        _fence_release()
+        full_barrier()
         if self.event_idx:
             old = self._signalled_used
             new = self._next_used
@@ -676,8 +668,7 @@ class SplitQueue(Virtqueue):
         else:
             _U16.pack_into(self._used_mm, self._used_off, 0)
         # Store (re-enable) → load (avail.idx) must not be reordered: lost-wakeup rule, §4.4.
-        _fence_acquire()
-        _fence_release()
+        full_barrier()
         return _U16.unpack_from(self._avail_mm, self._avail_off + 2)[0] != self._last_avail
 
     def __repr__(self) -> str:
@@ -873,8 +864,7 @@ class PackedQueue(Virtqueue):
         self._pending = False
         count = self._used_since
         self._used_since = 0
-        _fence_acquire()  # as SplitQueue.needs_interrupt: flags visible before reading events
-        _fence_release()
+        full_barrier()  # as SplitQueue.needs_interrupt: flags visible before reading events
         off_wrap, flags = _U16X2.unpack_from(self._drv_mm, self._drv_off)
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
@@ -901,8 +891,7 @@ class PackedQueue(Virtqueue):
             _U16X2.pack_into(self._dev_mm, self._dev_off, off_wrap, RING_EVENT_FLAGS_DESC)
         else:
             _U16.pack_into(self._dev_mm, self._dev_off + 2, RING_EVENT_FLAGS_ENABLE)
-        _fence_acquire()  # lost-wakeup rule: re-enable (store) → re-check (load)
-        _fence_release()
+        full_barrier()  # lost-wakeup rule: re-enable (store) → re-check (load)
         return self.has_available()
 
     def __repr__(self) -> str:
