@@ -1,0 +1,74 @@
+"""Helpers for the end-to-end tests: run ``embervm`` as a user would, against the real guest
+kernels, and read what the guest printed.  Every failure message carries the console's tail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARED_PREBUILT = Path(__file__).resolve().parents[3] / "shared" / "guest" / "prebuilt"
+
+
+def kvm_usable() -> str | None:
+    """None if /dev/kvm can be used, else the reason it cannot."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is absent on this machine"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    return None
+
+
+@dataclass
+class Run:
+    status: int
+    console: str
+    stderr: str
+    seconds: float
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.console.splitlines()[-n:]
+        return "\n--- guest console (tail) ---\n" + "\n".join(lines) + (
+            "\n--- embervm stderr ---\n" + self.stderr[-3000:]
+        )
+
+
+def embervm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "embervm", *args]
+
+
+def run_embervm(*args: str, timeout: float = 240, env: dict | None = None) -> Run:
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(
+            embervm_cmd(*args), stdin=subprocess.DEVNULL, capture_output=True,
+            timeout=timeout, env=env,
+        )
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace")
+        err = (e.stderr or b"").decode(errors="replace")
+        raise AssertionError(
+            f"embervm did not exit within {timeout}s" + Run(-1, out, err, timeout).tail()
+        ) from None
+    return Run(p.returncode, p.stdout.decode(errors="replace"),
+               p.stderr.decode(errors="replace"), time.monotonic() - t0)
+
+
+def fnv1a64(data: bytes) -> int:
+    """The checksum tinyinit prints (FNV-1a 64-bit)."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def script_disk(path: Path, script: str) -> Path:
+    """A disk whose content is a shell script for the busybox init (guest.script=/dev/vdX)."""
+    data = script.encode()
+    data += b"\0" * (-len(data) % 4096)
+    path.write_bytes(data)
+    return path
