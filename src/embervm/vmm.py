@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
 import signal
 import sys
 import termios
@@ -40,6 +39,7 @@ from .devices.virtio.device import VirtioDevice
 from .devices.virtio.mmio import MmioTransport
 from .devices.virtio.rng import Rng
 from .errors import ConfigError, EmbervmError
+from .eventloop import EventLoop
 from .kvm import ioctls as kvmio
 from .kvm import kvm as kvmmod
 from .kvm.cpuid import build_cpuid
@@ -101,6 +101,8 @@ class Vmm:
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self._stop_fd = self._eventfd()
+        self.loop = EventLoop()
+        self._closers.append(self.loop.close)
         self._setup_legacy()
         for d in config.disks:
             self._add_virtio(Block(d.path, read_only=d.read_only, serial=d.id))
@@ -180,6 +182,7 @@ class Vmm:
         # eventfd, so queue work always runs on the event-loop thread.
         transport.notify_hook = lambda q, fds=queue_fds: os.eventfd_write(fds[q], 1)
         self.mmio.insert(transport, base, spec.MMIO_SIZE)
+        device.loop = self.loop
         closer = getattr(device, "close", None)
         if closer is not None:
             self._closers.append(closer)
@@ -334,35 +337,18 @@ class Vmm:
         return f"vcpu{vcpu.index}: unhandled KVM exit {vcpu.describe_exit(reason)}"
 
     def _event_loop(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._stop_fd, selectors.EVENT_READ, None)
+        loop = self.loop
+        loop.add_eventfd(self._stop_fd, loop.stop)
         for slot in self.slots:
             for q, fd in enumerate(slot.queue_fds):
-                sel.register(fd, selectors.EVENT_READ, (slot.transport.queue_event, q))
+                loop.add_eventfd(fd, lambda t=slot.transport, q=q: t.queue_event(q))
         stdin_fd = self._stdin_fd()
         if stdin_fd is not None:
             try:
-                sel.register(stdin_fd, selectors.EVENT_READ, (self._stdin_ready, stdin_fd))
+                loop.add_reader(stdin_fd, lambda: self._stdin_ready(stdin_fd))
             except PermissionError:
                 pass  # a regular file or /dev/null cannot be polled: no console input
-
-        try:
-            while self.exit_status is None:
-                for key, _ in sel.select():
-                    if key.data is None:
-                        continue
-                    handler, arg = key.data
-                    if handler == self._stdin_ready:
-                        if not self._stdin_ready(arg):
-                            sel.unregister(arg)
-                        continue
-                    try:
-                        os.eventfd_read(key.fd)
-                    except BlockingIOError:
-                        continue
-                    handler(arg)
-        finally:
-            sel.close()
+        loop.run()
 
     def _stdin_fd(self) -> int | None:
         if self._console_out is not None or self.config.serial.kind != "stdio":
@@ -374,15 +360,22 @@ class Vmm:
             return None
         return fd
 
-    def _stdin_ready(self, fd: int) -> bool:
+    def _stdin_ready(self, fd: int) -> None:
+        room = self.serial.input_room()
+        if room <= 0:
+            # The guest is not reading: stop polling stdin until it drained some input.
+            self.loop.remove_reader(fd)
+            self.loop.call_later(0.05, lambda: self.loop.add_reader(
+                fd, lambda: self._stdin_ready(fd)))
+            return
         try:
-            data = os.read(fd, 4096)
+            data = os.read(fd, min(4096, room))
         except OSError:
-            return False
+            data = b""
         if not data:
-            return False
+            self.loop.remove_reader(fd)
+            return
         self.serial.enqueue_input(data)
-        return True
 
     def _enter_terminal(self) -> None:
         fd = self._stdin_fd()

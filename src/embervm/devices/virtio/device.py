@@ -18,12 +18,16 @@ import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...errors import GuestError
 from ...logutil import RateLimitedLog
 from ...memory import GuestMemory
 from . import spec
-from .queue import Virtqueue
+from .queue import DescriptorChain, Virtqueue
+
+if TYPE_CHECKING:
+    from ...eventloop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,9 @@ class VirtioDevice:
         self.mem: GuestMemory | None = None
         self.queues: list[Virtqueue | None] = []
         self.interrupt: Interrupt | None = None
+        # The VMM's event loop (embervm.eventloop.EventLoop), set before activation by whoever
+        # hosts the device; back-ends register their fds and timers on it in on_activate().
+        self.loop: EventLoop | None = None
         self._fields = {f.name: f for f in self.config_layout}
         size = max((f.offset + f.size for f in self.config_layout), default=0)
         self.config = bytearray(size)
@@ -230,7 +237,7 @@ class VirtioDevice:
             self.metrics["interrupts"] += 1
             self.interrupt.signal_used()
 
-    def drain(self, queue: Virtqueue, handle: Callable[[object], int]) -> None:
+    def drain(self, queue: Virtqueue, handle: Callable[[DescriptorChain], int]) -> None:
         """Pop every available chain, complete each with ``handle(chain)`` bytes written.
 
         Follows the lost-wakeup rule (virtio.md §4.4): notifications are disabled while
