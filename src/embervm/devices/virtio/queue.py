@@ -372,19 +372,25 @@ class ChainWriter(_SegmentCursor):
 
     def write(self, data: Any) -> int:
         """Write ``min(len(data), remaining)`` bytes; return how many were written."""
-        src = memoryview(data)
-        if src.format != "B" or src.ndim != 1:
-            src = src.cast("B")
-        n = src.nbytes
+        tp = type(data)
+        if tp is bytes or tp is bytearray:  # the common case: skip the memoryview set-up
+            src = data
+            n = len(data)
+        else:
+            src = memoryview(data)
+            if src.format != "B" or src.ndim != 1:
+                src = src.cast("B")
+            n = src.nbytes
         if n > self._left:
             n = self._left
+            src = memoryview(src)[:n]
         if n <= 0:
             return 0
         addr, ln = self._segs[self._i]
         off = self._off
         if ln - off >= n:  # fast path: one segment
             region, roff = self._mem.locate(addr + off, n)
-            region.view[roff : roff + n] = src[:n]
+            region.mmap[roff : roff + n] = src
             off += n
             if off == ln:
                 self._i += 1
@@ -392,10 +398,11 @@ class ChainWriter(_SegmentCursor):
             self._off = off
             self._left -= n
             return n
+        mv = memoryview(src)  # slices of it are views, not copies
         pos = 0
         for v in self._take(n):
             k = len(v)
-            v[:] = src[pos : pos + k]
+            v[:] = mv[pos : pos + k]
             pos += k
         return n
 
@@ -446,7 +453,11 @@ class Virtqueue(ABC):
 
     @abstractmethod
     def add_used(self, chain: DescriptorChain, written: int) -> None:
-        """Return ``chain`` to the driver with ``used.len = written``."""
+        """Return ``chain`` to the driver with ``used.len = written``.
+
+        ``written`` must be within ``0..chain.writable_len`` (normally ``writer.written``);
+        anything else is a device bug and raises ValueError without touching the ring.
+        """
 
     @abstractmethod
     def needs_interrupt(self) -> bool:
@@ -753,7 +764,9 @@ class PackedQueue(Virtqueue):
         ndesc = 0
         error: str | None = None  # first problem; the walk goes on to find the chain's end
         # A chain is consecutive slots while NEXT is set (§2.8.6): each step wraps at size and
-        # flips the wrap counter.  Bounded: a chain may not be longer than the ring.
+        # flips the wrap counter.  Bounded: a chain may not be longer than the ring.  Only the
+        # head's flags decide availability: the driver writes the head last (Linux
+        # virtqueue_add_packed), so the rest is in place once the head is (QEMU, crosvm alike).
         while True:
             ndesc += 1
             slot += 1
@@ -919,7 +932,9 @@ def make_queue(index: int, config: QueueConfig, mem: GuestMemory, features: int)
 
     ``features`` is the negotiated 64-bit feature mask: VIRTIO_F_RING_PACKED selects the packed
     layout; VIRTIO_F_INDIRECT_DESC and VIRTIO_F_EVENT_IDX are honoured.  Raises
-    :class:`QueueError` naming the offending register value.
+    :class:`QueueError` naming the offending register value.  ``config.ready`` is not looked
+    at: which queues to build is the transport's decision.  The queue starts at index 0 /
+    wrap counters 1, as after a reset.
     """
     size = config.size
     packed = bool(features >> VIRTIO_F_RING_PACKED & 1)
