@@ -13,7 +13,15 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import DiskConfig, SerialConfig, VmConfig
+from .config import (
+    BalloonConfig,
+    ConsoleConfig,
+    DiskConfig,
+    NetConfig,
+    SerialConfig,
+    VmConfig,
+    VsockConfig,
+)
 from .errors import ConfigError, EmbervmError
 
 EXIT_CONFIG = 2
@@ -33,6 +41,67 @@ def parse_disk(spec: str) -> DiskConfig:
         else:
             raise ConfigError(f"--disk {spec!r}: unknown option {opt!r} (use ro or id=ID)")
     return disk
+
+
+def _options(flag: str, spec: str) -> dict[str, str]:
+    opts = {}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"{flag} {spec!r}: expected key=value pairs separated by commas")
+        opts[key] = value
+    return opts
+
+
+def parse_net(spec: str) -> NetConfig:
+    """``tap=NAME[,mac=XX:XX:XX:XX:XX:XX]``"""
+    opts = _options("--net", spec)
+    unknown = set(opts) - {"tap", "mac"}
+    if unknown or "tap" not in opts:
+        raise ConfigError(f"--net {spec!r}: expected tap=NAME[,mac=XX:XX:XX:XX:XX:XX]")
+    return NetConfig(opts["tap"], opts.get("mac"))
+
+
+def parse_console(spec: str) -> ConsoleConfig:
+    if spec == "stdio":
+        return ConsoleConfig("stdio")
+    if spec.startswith("socket:") and len(spec) > 7:
+        return ConsoleConfig("socket", Path(spec[7:]))
+    raise ConfigError(f"--console {spec!r}: expected stdio or socket:PATH")
+
+
+def parse_vsock(spec: str) -> VsockConfig:
+    """``cid=N,uds=PATH``"""
+    opts = _options("--vsock", spec)
+    if set(opts) != {"cid", "uds"}:
+        raise ConfigError(f"--vsock {spec!r}: expected cid=N,uds=PATH")
+    try:
+        cid = int(opts["cid"], 0)
+    except ValueError:
+        raise ConfigError(f"--vsock cid={opts['cid']!r}: not a number") from None
+    return VsockConfig(cid, Path(opts["uds"]))
+
+
+def parse_balloon(spec: str) -> BalloonConfig:
+    """``MIB[,deflate-on-oom][,stats=SECONDS]``"""
+    first, *rest = spec.split(",")
+    try:
+        cfg = BalloonConfig(int(first))
+    except ValueError:
+        raise ConfigError(
+            f"--balloon {spec!r}: expected MIB[,deflate-on-oom][,stats=SECONDS]"
+        ) from None
+    for opt in rest:
+        if opt == "deflate-on-oom":
+            cfg.deflate_on_oom = True
+        elif opt.startswith("stats="):
+            try:
+                cfg.stats_seconds = int(opt[6:])
+            except ValueError:
+                raise ConfigError(f"--balloon {opt!r}: SECONDS must be a number") from None
+        else:
+            raise ConfigError(f"--balloon {spec!r}: unknown option {opt!r}")
+    return cfg
 
 
 def parse_serial(spec: str) -> SerialConfig:
@@ -68,11 +137,21 @@ def cli() -> None:
 @click.option("--serial", default="stdio", show_default=True, metavar="stdio|file:PATH|null",
               help="where the guest's serial console goes")
 @click.option("--rng", is_flag=True, help="add a virtio-rng entropy device")
+@click.option("--net", "nets", multiple=True, metavar="tap=NAME[,mac=MAC]",
+              help="virtio-net on a TAP device (repeatable); created if absent and root")
+@click.option("--console", "console", default=None, metavar="stdio|socket:PATH",
+              help="virtio-console port 0 (guest hvc0) on stdio or a Unix socket")
+@click.option("--vsock", "vsock", default=None, metavar="cid=N,uds=PATH",
+              help="virtio-vsock, Firecracker-style host side on Unix sockets")
+@click.option("--balloon", "balloon", default=None, metavar="MIB[,deflate-on-oom][,stats=S]",
+              help="virtio-balloon with an initial target")
+@click.option("--control", "control", type=click.Path(path_type=Path), default=None,
+              help="control socket (line protocol, see docs/DEVICES.md)")
 @click.option("--shell", is_flag=True,
               help="with the embedded guest: an interactive shell instead of exiting")
 @click.option("-v", "--verbose", count=True, help="log more (-v info, -vv debug)")
-def run(kernel, initrd, cmdline, append, mem_mib, vcpus, disks, serial, rng, shell,
-        verbose) -> None:
+def run(kernel, initrd, cmdline, append, mem_mib, vcpus, disks, serial, rng, nets, console,
+        vsock, balloon, control, shell, verbose) -> None:
     """Boot a VM and serve it until the guest exits."""
     logging.basicConfig(
         level=logging.WARNING - 10 * min(verbose, 2),
@@ -82,7 +161,11 @@ def run(kernel, initrd, cmdline, append, mem_mib, vcpus, disks, serial, rng, she
         config = VmConfig(
             kernel=kernel, initrd=initrd, cmdline=cmdline, append=append, mem_mib=mem_mib,
             vcpus=vcpus, disks=[parse_disk(d) for d in disks], serial=parse_serial(serial),
-            rng=rng,
+            rng=rng, nets=[parse_net(n) for n in nets],
+            console=parse_console(console) if console else None,
+            vsock=parse_vsock(vsock) if vsock else None,
+            balloon=parse_balloon(balloon) if balloon else None,
+            control=control,
         )
         if shell:
             config.append = (config.append + " guest.shell").strip()

@@ -7,6 +7,7 @@ says what to fix; the CLI prints it on one line and exits with status 2.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,31 @@ class SerialConfig:
 
 
 @dataclass
+class NetConfig:
+    tap: str
+    mac: str | None = None  # "52:54:00:12:34:56"; None: derived from the TAP name
+
+
+@dataclass
+class ConsoleConfig:
+    kind: str = "stdio"  # "stdio" | "socket"
+    path: Path | None = None
+
+
+@dataclass
+class VsockConfig:
+    cid: int
+    uds: Path
+
+
+@dataclass
+class BalloonConfig:
+    target_mib: int = 0
+    deflate_on_oom: bool = False
+    stats_seconds: int = 0  # 0: no statistics queue polling
+
+
+@dataclass
 class VmConfig:
     kernel: Path | None = None  # None: the embedded default kernel
     initrd: Path | None = None  # None: the embedded default initramfs (with the default kernel)
@@ -50,6 +76,11 @@ class VmConfig:
     disks: list[DiskConfig] = field(default_factory=list)
     serial: SerialConfig = field(default_factory=SerialConfig)
     rng: bool = False
+    nets: list[NetConfig] = field(default_factory=list)
+    console: ConsoleConfig | None = None
+    vsock: VsockConfig | None = None
+    balloon: BalloonConfig | None = None
+    control: Path | None = None  # control socket (balloon target, stats, ...)
 
     def validate(self) -> None:
         if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
@@ -75,10 +106,37 @@ class VmConfig:
                 seen.add(d.id)
         if len(self.disks) > 8:
             raise ConfigError("at most 8 disks")
+        for n in self.nets:
+            if not n.tap or len(n.tap.encode()) > 15:
+                raise ConfigError(f"--net tap={n.tap}: a TAP name is 1 to 15 bytes")
+            if n.mac is not None and not _MAC.fullmatch(n.mac):
+                raise ConfigError(f"--net mac={n.mac}: expected six hex bytes like "
+                                  "52:54:00:12:34:56")
+        if self.vsock is not None:
+            if not 3 <= self.vsock.cid <= 0xFFFF_FFFE:
+                raise ConfigError(f"--vsock cid={self.vsock.cid}: guest CIDs are 3 to 4294967294"
+                                  " (0-2 and -1 are reserved)")
+            if not self.vsock.uds.parent.is_dir():
+                raise ConfigError(f"--vsock uds={self.vsock.uds}: {self.vsock.uds.parent} is not "
+                                  "a directory")
+        if self.balloon is not None:
+            if not 0 <= self.balloon.target_mib < self.mem_mib:
+                raise ConfigError(f"--balloon {self.balloon.target_mib}: the target must be "
+                                  f"below the guest memory ({self.mem_mib} MiB)")
+            if self.balloon.stats_seconds < 0:
+                raise ConfigError("--balloon stats=SECONDS must not be negative")
+        if self.console is not None and self.console.kind == "socket":
+            assert self.console.path is not None
+            if not self.console.path.parent.is_dir():
+                raise ConfigError(f"--console socket:{self.console.path}: "
+                                  f"{self.console.path.parent} is not a directory")
         if self.serial.kind == "file" and self.serial.path is not None:
             parent = self.serial.path.parent
             if not parent.is_dir():
                 raise ConfigError(f"--serial file:{self.serial.path}: {parent} is not a directory")
+
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
 def check_readable_file(path: Path, label: str) -> None:

@@ -106,8 +106,8 @@ class Vmm:
         self._setup_legacy()
         for d in config.disks:
             self._add_virtio(Block(d.path, read_only=d.read_only, serial=d.id))
-        if config.rng:
-            self._add_virtio(Rng())
+        for device in _optional_devices(config):
+            self._add_virtio(device)
 
         # vCPUs first: the TSC frequency for the command line comes from a vCPU fd.
         for i in range(config.vcpus):
@@ -203,6 +203,9 @@ class Vmm:
         # ACPI boot of the kit kernel does not work: devices are announced on the command line.
         for s in self.slots:
             words.append(f"virtio_mmio.device=4K@{s.base:#x}:{s.irq}")
+        if self.config.console is not None:
+            # The last console= word names /dev/console: the virtio console (port 0 = hvc0).
+            words.append("console=hvc0")
         if self.config.append:
             words.append(self.config.append)
         return " ".join(words)
@@ -351,8 +354,11 @@ class Vmm:
         loop.run()
 
     def _stdin_fd(self) -> int | None:
+        """stdin, when the serial port is the interactive console."""
         if self._console_out is not None or self.config.serial.kind != "stdio":
             return None
+        if self.config.console is not None and self.config.console.kind == "stdio":
+            return None  # virtio-console owns stdin
         try:
             fd = sys.stdin.fileno()
             os.fstat(fd)
@@ -378,7 +384,7 @@ class Vmm:
         self.serial.enqueue_input(data)
 
     def _enter_terminal(self) -> None:
-        fd = self._stdin_fd()
+        fd = sys.stdin.fileno() if self._uses_stdin() else None
         if fd is not None and os.isatty(fd):
             self._stdin_attrs = termios.tcgetattr(fd)
             tty.setraw(fd, termios.TCSANOW)
@@ -386,6 +392,10 @@ class Vmm:
             attrs = termios.tcgetattr(fd)
             attrs[1] |= termios.OPOST
             termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+    def _uses_stdin(self) -> bool:
+        console = self.config.console
+        return self._stdin_fd() is not None or (console is not None and console.kind == "stdio")
 
     def _leave_terminal(self) -> None:
         if self._stdin_attrs is not None:
@@ -405,6 +415,35 @@ class Vmm:
             except OSError:
                 pass
         self._fds = []
+
+
+def _optional_devices(config: VmConfig) -> list[VirtioDevice]:
+    """The devices beyond the disks, in a fixed order (their IRQs and addresses follow it).
+
+    Imported here, not at the top, so a VMM without these devices does not load them.
+    """
+    devices: list[VirtioDevice] = []
+    for n in config.nets:
+        from .devices.virtio.net import Net
+
+        devices.append(Net(n.tap, mac=n.mac))
+    if config.console is not None:
+        from .devices.virtio.console import Console
+
+        devices.append(Console(config.console.kind, config.console.path))
+    if config.vsock is not None:
+        from .devices.virtio.vsock import Vsock
+
+        devices.append(Vsock(config.vsock.cid, config.vsock.uds))
+    if config.balloon is not None:
+        from .devices.virtio.balloon import Balloon
+
+        b = config.balloon
+        devices.append(Balloon(b.target_mib, deflate_on_oom=b.deflate_on_oom,
+                               stats_seconds=b.stats_seconds))
+    if config.rng:
+        devices.append(Rng())
+    return devices
 
 
 def _set_segment(dst: object, src: Segment) -> None:
