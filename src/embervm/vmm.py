@@ -109,6 +109,9 @@ class Vmm:
         for device in _optional_devices(config):
             self._add_virtio(device)
 
+        if config.control is not None:
+            self._setup_control(config.control)
+
         # vCPUs first: the TSC frequency for the command line comes from a vCPU fd.
         for i in range(config.vcpus):
             self.vcpus.append(self.vm.create_vcpu(i))
@@ -187,6 +190,24 @@ class Vmm:
         if closer is not None:
             self._closers.append(closer)
         self.slots.append(VirtioSlot(device, transport, base, irq, irq_fd, queue_fds))
+
+    def _setup_control(self, path: os.PathLike[str]) -> None:
+        """The control socket: commands from the VMM and from devices that offer some."""
+        from .control import ControlServer
+
+        commands: dict[str, Callable[[list[str]], dict]] = {
+            "status": lambda args: {"devices": [
+                {"name": s.device.name, "base": s.base, "irq": s.irq, "active": s.device.active,
+                 "metrics": dict(s.device.metrics)} for s in self.slots]},
+            "stop": lambda args: (self.stop(EXIT_OK, "stop requested on the control socket"),
+                                  {})[1],
+        }
+        for slot in self.slots:
+            offered = getattr(slot.device, "control_commands", None)
+            if offered is not None:
+                commands.update(offered())
+        server = ControlServer(path, self.loop, commands)
+        self._closers.append(server.close)
 
     def _tsc_khz(self) -> int | None:
         try:
