@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/embervm run
+	$(BIN)/embervm demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -181,6 +181,42 @@ def run(kernel, initrd, cmdline, append, mem_mib, vcpus, disks, serial, rng, net
     sys.exit(status)
 
 
+DEMO_SCRIPT = r"""
+echo
+echo "=== embervm demo: Linux $(uname -r) on $(grep -c ^processor /proc/cpuinfo) vCPU(s)"
+echo "=== memory: $(grep MemTotal /proc/meminfo)"
+echo "=== kernel command line: $(cat /proc/cmdline)"
+echo "=== virtio devices:"
+for d in /sys/bus/virtio/devices/*; do
+    echo "    $(basename $d): device id $(cat $d/device), driver $(basename $(readlink $d/driver))"
+done
+echo "=== block devices: $(ls /sys/block | tr '\n' ' ')"
+echo "=== this script came from /dev/vda: $(cat /sys/block/vda/size) sectors,\
+ read-only=$(cat /sys/block/vda/ro)"
+echo "=== hwrng: $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
+echo "=== 16 random bytes from the host via virtio-rng:\
+ $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')"
+echo "=== rebooting: embervm exits with status 0"
+"""
+
+
+@cli.command()
+@click.option("--vcpus", type=int, default=2, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, vcpus: int) -> None:
+    """Boot the embedded guest with a virtio disk and entropy device, show what it sees, exit."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="embervm-demo-") as tmp:
+        disk = Path(tmp) / "demo-script.img"
+        data = DEMO_SCRIPT.encode()
+        disk.write_bytes(data + b"\0" * (-len(data) % 4096))
+        ctx.invoke(run, kernel=None, initrd=None, cmdline=None, append="guest.script=/dev/vda",
+                   mem_mib=256, vcpus=vcpus, disks=(f"{disk},ro",), serial="stdio", rng=True,
+                   nets=(), console=None, vsock=None, balloon=None, control=None, shell=False,
+                   verbose=0)
+
+
 def main() -> None:
     cli()
 

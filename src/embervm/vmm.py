@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from . import images
 from .boot import BootInfo, CpuBootState, Segment, setup_boot
 from .bus import Bus
-from .config import CMDLINE_RECOMMENDED, CMDLINE_REQUIRED, VmConfig
+from .config import CMDLINE_EMBERVM, CMDLINE_RECOMMENDED, CMDLINE_REQUIRED, VmConfig
 from .devices.legacy.i8042 import I8042
 from .devices.legacy.misc import CmosAbsent, PortSink
 from .devices.legacy.serial import Serial
@@ -218,7 +218,7 @@ class Vmm:
 
     def _cmdline(self) -> str:
         words = [self.config.cmdline if self.config.cmdline is not None else (
-            f"{CMDLINE_REQUIRED} {CMDLINE_RECOMMENDED}"
+            f"{CMDLINE_REQUIRED} {CMDLINE_RECOMMENDED} {CMDLINE_EMBERVM}"
             + (f" tsc_early_khz={self.tsc_khz} tsc=reliable" if self.tsc_khz else "")
         )]
         # ACPI boot of the kit kernel does not work: devices are announced on the command line.
