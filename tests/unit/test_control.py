@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embervm import control
 from embervm.control import MAX_CLIENTS, MAX_LINE, ControlServer, request
@@ -254,6 +256,29 @@ def test_replies_are_delivered_completely_to_a_slow_reader(running):
     time.sleep(0.3)
     replies = read_lines(s, 20)
     assert all(len(r["blob"]) == 50_000 for r in replies)
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory):
+    loop = EventLoop()
+    server = ControlServer(tmp_path_factory.mktemp("ctl") / "s.sock", loop, COMMANDS)
+    yield server
+    server.close()
+    loop.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.lists(st.sampled_from([b"echo", b"bad", b"crash", b"nan", b"help", b" ",
+                                           b"\t", b"\xff", b"\x00", b"\r"]),
+                          max_size=6).map(b"".join)))
+def test_any_request_bytes_get_one_json_reply_or_none_and_never_raise(idle_server, line):
+    reply = idle_server.handle_line(line)
+    if reply is None:
+        assert not line.decode("utf-8").split()
+    else:
+        assert isinstance(reply["ok"], bool)
+        assert control.encode_reply(reply).count(b"\n") == 1
 
 
 # -- socket file -------------------------------------------------------------------------------
