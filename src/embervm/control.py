@@ -53,6 +53,8 @@ STALL_SECONDS = 10.0
 #: How often unsent replies are retried.  The event loop watches fds for reading only, so a
 #: client that filled its socket buffer is polled (rare: replies are a few hundred bytes).
 RETRY_SECONDS = 0.02
+#: After a failed accept (out of file descriptors), how long to wait before trying again.
+ACCEPT_RETRY_SECONDS = 0.5
 _RECV_SIZE = 4096
 
 
@@ -108,7 +110,9 @@ class ControlServer:
             self._ident = _identity(self.path)
         except OSError as e:
             sock.close()
-            raise ConfigError(f"--control {self.path}: cannot listen: {e.strerror}") from None
+            # strerror is None for Python's own errors (e.g. "AF_UNIX path too long").
+            raise ConfigError(f"--control {self.path}: cannot listen: "
+                              f"{e.strerror or e}") from None
         self._sock: socket.socket | None = sock
         loop.add_reader(sock.fileno(), self._accept)
 
@@ -129,8 +133,15 @@ class ControlServer:
         try:
             probe.settimeout(1.0)
             probe.connect(path)
-        except OSError:
-            pass  # nobody listening (ECONNREFUSED): a leftover of a VMM that died; replace it
+        except ConnectionRefusedError:
+            pass  # nobody listening: a leftover of a VMM that died; replace it
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            # EAGAIN (a live server with a full backlog), EACCES, ...: not provably stale.
+            raise ConfigError(f"--control {path}: cannot tell whether the existing socket is "
+                              f"in use ({e.strerror or e}); remove it or choose another "
+                              "path") from None
         else:
             raise ConfigError(f"--control {path}: another process is serving this socket")
         finally:
@@ -177,8 +188,12 @@ class ControlServer:
                 conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: keep serving the clients we have
+            except OSError as e:
+                # EMFILE and the like: the connection stays queued and the socket readable, so
+                # stop watching it for a while instead of spinning; keep serving current clients.
                 log.warning("control socket: accept failed: %s", e)
+                self.loop.remove_reader(sock.fileno())
+                self.loop.call_later(ACCEPT_RETRY_SECONDS, self._watch_listener)
                 return
             conn.setblocking(False)
             self.metrics["connections"] += 1
@@ -194,6 +209,10 @@ class ControlServer:
             client = _Client(conn)
             self.clients[client.fd] = client
             self.loop.add_reader(client.fd, lambda c=client: self._readable(c))
+
+    def _watch_listener(self) -> None:
+        if self._sock is not None:
+            self.loop.add_reader(self._sock.fileno(), self._accept)
 
     def _drop(self, client: _Client) -> None:
         if self.clients.pop(client.fd, None) is None:

@@ -324,6 +324,8 @@ def test_a_path_that_is_not_a_socket_is_a_config_error(tmp_path):
             ControlServer(f, loop, COMMANDS)
         with pytest.raises(ConfigError, match="cannot listen"):
             ControlServer(tmp_path / "missing-dir" / "s", loop, COMMANDS)
+        with pytest.raises(ConfigError, match="cannot listen: .*too long"):
+            ControlServer(tmp_path / ("x" * 120), loop, COMMANDS)
     finally:
         loop.close()
     assert f.read_text() == "keep me"

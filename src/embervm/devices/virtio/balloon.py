@@ -45,12 +45,15 @@ import array
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
 from . import spec
 from .device import ConfigField, VirtioDevice
 from .queue import DescriptorChain, Virtqueue
+
+if TYPE_CHECKING:
+    from ...eventloop import TimerHandle
 
 # -- §5.5.3 feature bits (Linux include/uapi/linux/virtio_balloon.h names) ---------------------
 VIRTIO_BALLOON_F_MUST_TELL_HOST = 0
@@ -185,7 +188,7 @@ class Balloon(VirtioDevice):
         self._roles: tuple[str, ...] = ()
         self._stats_index: int | None = None
         self._stats_chain: DescriptorChain | None = None
-        self._timer: Any = None  # eventloop.TimerHandle
+        self._timer: TimerHandle | None = None
         self._epoch = 0  # bumped at every activation and reset
         self.metrics.update({
             "inflated_pages": 0,   # valid PFNs released on the host
