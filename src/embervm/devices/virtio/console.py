@@ -159,6 +159,7 @@ class Console(VirtioDevice):
         self._rx_held: deque[DescriptorChain] = deque()  # popped receive chains awaiting input
         self._reading_fd: int | None = None  # the input fd registered on the loop, if any
         self._timer: TimerHandle | None = None
+        self._flush_queued = False
         self._closed = False
         # stdio
         self._in_fd = input_fd
@@ -196,6 +197,11 @@ class Console(VirtioDevice):
         """The console size in config space, as (cols, rows)."""
         cols, rows = _SIZE.unpack_from(self.config, CONFIG_COLS)
         return cols, rows
+
+    @property
+    def reading(self) -> bool:
+        """Whether the host input is being read now (False while the guest posted no buffers)."""
+        return self._reading_fd is not None
 
     def resize(self, cols: int, rows: int) -> None:
         """Set the console size; the driver hears of it through a config interrupt (§5.3.4).
@@ -326,7 +332,11 @@ class Console(VirtioDevice):
                 break
             if self._tx_chain is None:
                 if len(out) >= OUTPUT_LIMIT:
-                    break  # back-pressure: leave the chains in the ring
+                    self._flush()
+                    if len(out) >= OUTPUT_LIMIT:
+                        # Back-pressure: leave the chains in the ring; the retry timer that
+                        # _flush armed resumes here once the sink takes output again.
+                        break
                 chain = self._pop(q)
                 if chain is None:
                     if q.enable_notifications():
@@ -344,7 +354,7 @@ class Console(VirtioDevice):
                     self._flush()
                     room = OUTPUT_LIMIT - len(out)
                     if room <= 0:
-                        break
+                        break  # as above: the retry timer resumes this chain
                 data = reader.read(min(room, reader.remaining, budget))
                 out += data
                 budget -= len(data)
@@ -454,11 +464,15 @@ class Console(VirtioDevice):
         """Flush from any thread: on the loop if there is one (timers are loop-only)."""
         if self.loop is None:
             self._flush()
-        else:
+        elif not self._flush_queued:
+            # One queued callback at a time: a driver looping on emerg_wr must not grow the
+            # loop's callback list.
+            self._flush_queued = True
             self.loop.call_soon_threadsafe(self._flush_locked)
 
     def _flush_locked(self) -> None:
         with self.lock:
+            self._flush_queued = False
             if not self._closed:
                 self._flush()
 
