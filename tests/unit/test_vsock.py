@@ -84,8 +84,9 @@ class VsockGuest:
         rx_payload: int = 4096,
         fill: bool = True,
         loop: EventLoop | None = None,
+        mem_size: int = 64 << 20,
     ) -> None:
-        self.mem = GuestMemory([(0, 64 << 20)])
+        self.mem = GuestMemory([(0, mem_size)])
         self.loop = loop or EventLoop()
         self.uds = str(tmp_path / "v.sock")
         self.dev = Vsock(cid, self.uds)
