@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_right
+from collections.abc import Callable
 from typing import Protocol
 
 from .errors import ConfigError
@@ -74,8 +75,9 @@ class BusDevice(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
-# One mapped range: (device, base, end).  A plain tuple: unpacking it is the cheapest access.
-_Range = tuple[BusDevice, int, int]
+# One mapped range: (device, base, end, device.read, device.write).  A plain tuple: unpacking it
+# is the cheapest access, and the bound methods are made once, not on every access.
+_Range = tuple[BusDevice, int, int, Callable[[int, int], int], Callable[[int, int, int], None]]
 # Access widths a KVM exit can carry (PIO: 1/2/4, MMIO: 1/2/4/8).
 _SIZES = frozenset((1, 2, 4, 8))
 
@@ -123,14 +125,14 @@ class Bus:
         # Only the neighbours can overlap: ranges are kept sorted and disjoint.
         for j in (i - 1, i):
             if 0 <= j < len(self._ranges):
-                other, obase, oend = self._ranges[j]
+                other, obase, oend = self._ranges[j][:3]
                 if base < oend and obase < end:
                     raise ConfigError(
                         f"{self.name} bus: {_name(device)} at {base:#x}-{end - 1:#x} overlaps "
                         f"{_name(other)} at {obase:#x}-{oend - 1:#x}; give one of them another "
                         f"address"
                     )
-        entry: _Range = (device, base, end)
+        entry: _Range = (device, base, end, device.read, device.write)
         self._starts.insert(i, base)
         self._ranges.insert(i, entry)
         if length <= EXACT_RANGE_MAX:
@@ -146,7 +148,7 @@ class Bus:
 
     def ranges(self) -> list[tuple[BusDevice, int, int]]:
         """The mapped ranges as ``(device, base, length)``, sorted by base."""
-        return [(dev, base, end - base) for dev, base, end in self._ranges]
+        return [(dev, base, end - base) for dev, base, end, _r, _w in self._ranges]
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -172,8 +174,7 @@ class Bus:
             entry = self._resolve(addr)
         if entry is None:
             return None
-        device, base, _ = entry
-        return device, addr - base
+        return entry[0], addr - entry[1]
 
     # -- access -------------------------------------------------------------------------------
 
@@ -185,11 +186,11 @@ class Bus:
         except KeyError:
             entry = self._resolve(addr)
         if entry is not None and size in _SIZES:
-            device, base, end = entry
+            device, base, end, read, _ = entry
             if addr + size <= end:
                 try:
                     # Masked: a device bug must not hand KVM a value wider than the access.
-                    return device.read(addr - base, size) & _ONES[size]
+                    return read(addr - base, size) & _ONES[size]
                 except Exception as exc:  # a device bug must not take the VMM down
                     self._device_error(device, "read", addr, exc)
                     return all_ones(size)
@@ -204,10 +205,10 @@ class Bus:
         except KeyError:
             entry = self._resolve(addr)
         if entry is not None and size in _SIZES:
-            device, base, end = entry
+            device, base, end, _, write = entry
             if addr + size <= end:
                 try:
-                    device.write(addr - base, size, value & _ONES[size])
+                    write(addr - base, size, value & _ONES[size])
                 except Exception as exc:  # a device bug must not take the VMM down
                     self._device_error(device, "write", addr, exc)
                 return
@@ -237,7 +238,7 @@ class Bus:
                         "(reads return all ones, writes are ignored; logged once per address)",
                         self.name, op, size, addr)
             return
-        device, base, end = entry
+        device, base, end = entry[:3]
         why = "runs past the end of" if size in _SIZES else "has an unsupported width for"
         logger.info("%s bus: guest %s of %d byte(s) at %#x %s %s at %#x-%#x; treated as "
                     "unmapped (logged once per address)", self.name, op, size, addr, why,

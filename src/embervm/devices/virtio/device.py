@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_INT_VRING = spec.VIRTIO_MMIO_INT_VRING
+_INT_CONFIG = spec.VIRTIO_MMIO_INT_CONFIG
+
 
 class Interrupt:
     """InterruptStatus of one transport plus the line it drives.
@@ -38,38 +41,53 @@ class Interrupt:
     ``trigger`` raises the guest interrupt (an irqfd write, i.e. an edge, as Firecracker does;
     see virtio.md §6.2): it is called for every new notification, even if status bits were
     already pending, so a missed edge cannot stall the driver.
+
+    The two status bits are kept apart, each set or cleared with one attribute store (atomic
+    under the GIL), so :meth:`ack` and the ``status`` read, which the guest's interrupt handler
+    does on a vCPU thread for every interrupt, take no lock: a set and an ack of *different*
+    bits cannot lose each other, and for the same bit the outcome is the one real hardware
+    gives (Linux re-checks the rings after its ACK, so an ACK racing a new used buffer loses
+    nothing).  Only the ``count`` metric is updated under a lock.
     """
 
-    __slots__ = ("status", "_trigger", "_lock", "count")
+    __slots__ = ("_vring", "_config", "_trigger", "_lock", "count")
 
     def __init__(self, trigger: Callable[[], None] | None = None) -> None:
-        self.status = 0
+        self._vring = 0
+        self._config = 0
         self._trigger = trigger or (lambda: None)
         self._lock = threading.Lock()
         self.count = 0
+
+    @property
+    def status(self) -> int:
+        """InterruptStatus: VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG bits."""
+        return self._vring | self._config
 
     def set_trigger(self, trigger: Callable[[], None]) -> None:
         self._trigger = trigger
 
     def signal_used(self) -> None:
+        self._vring = _INT_VRING
         with self._lock:
-            self.status |= spec.VIRTIO_MMIO_INT_VRING
             self.count += 1
         self._trigger()
 
     def signal_config(self) -> None:
+        self._config = _INT_CONFIG
         with self._lock:
-            self.status |= spec.VIRTIO_MMIO_INT_CONFIG
             self.count += 1
         self._trigger()
 
     def ack(self, bits: int) -> None:
-        with self._lock:
-            self.status &= ~bits
+        if bits & _INT_VRING:
+            self._vring = 0
+        if bits & _INT_CONFIG:
+            self._config = 0
 
     def clear(self) -> None:
-        with self._lock:
-            self.status = 0
+        self._vring = 0
+        self._config = 0
 
 
 @dataclass(frozen=True)

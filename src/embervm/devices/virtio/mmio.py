@@ -35,6 +35,8 @@ from .queue import QueueConfig, Virtqueue, legacy_ring_addresses, make_queue
 log = logging.getLogger(__name__)
 
 _ALL_ONES32 = 0xFFFF_FFFF
+_INTERRUPT_STATUS = spec.INTERRUPT_STATUS
+_INTERRUPT_ACK = spec.INTERRUPT_ACK
 _QUEUE_LAYOUT_REGS = frozenset(
     {
         spec.QUEUE_NUM,
@@ -165,6 +167,11 @@ class MmioTransport:
     # -- bus interface --------------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        if offset == _INTERRUPT_STATUS and size == 4:
+            # The guest's interrupt handler reads this on every virtio interrupt.  Not under
+            # the device lock: a queue being processed on the event loop (a disk read, say)
+            # must not stall the vCPU, and InterruptStatus has a lock of its own.
+            return self.interrupt.status
         if offset >= spec.CONFIG:
             if size not in (1, 2, 4, 8):
                 self._bad("cfgwidth", "config read of width %d at %#x", size, offset)
@@ -178,6 +185,10 @@ class MmioTransport:
             return self._read_register(offset)
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if offset == _INTERRUPT_ACK and size == 4:
+            # Written by the same handler right after that read; as there, no device lock.
+            self.interrupt.ack(value & _ALL_ONES32)
+            return
         if offset >= spec.CONFIG:
             if size not in (1, 2, 4, 8):
                 self._bad("cfgwidth", "config write of width %d at %#x", size, offset)
