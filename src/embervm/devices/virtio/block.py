@@ -38,13 +38,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import stat
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
+
+try:
+    # hashlib's own BLAKE2b (hashlib.blake2b is this very function), without the rest of
+    # hashlib: importing hashlib loads OpenSSL's libcrypto, +3.8 MiB of VMM RSS for nothing
+    # (docs/PERFORMANCE.md, VMM memory).
+    from _blake2 import blake2b
+except ImportError:  # not CPython
+    from hashlib import blake2b
 
 from ...errors import ConfigError
 from . import spec
@@ -186,7 +193,7 @@ def _default_serial(st: os.stat_result) -> bytes:
     """20 hex digits from (device, inode): stable while the image file exists, and distinct for
     two images in one VM (Firecracker derives its default id from the same fields)."""
     key = f"{st.st_dev}:{st.st_rdev}:{st.st_ino}".encode()
-    return hashlib.blake2b(key, digest_size=VIRTIO_BLK_ID_BYTES // 2).hexdigest().encode()
+    return blake2b(key, digest_size=VIRTIO_BLK_ID_BYTES // 2).hexdigest().encode()
 
 
 class Block(VirtioDevice):
