@@ -14,12 +14,19 @@ its buses and real devices, on a thread of its own as in the VMM (the main threa
   written by the guest's interrupt handler;
 * ``mmio_read``  ``mov eax, [0xd0000060]``: virtio-mmio InterruptStatus, read by the same.
 
-Run: ``python benchmarks/exitbench.py [N] [MODE...]``; prints the C program's line format,
-``<mode> exits=<n> seconds=<s> us_per_exit=<us>``.
+With ``--c-lib exitloop.so`` the C loop of ``exitloop.c`` serves the same guest on the same vCPU,
+in blocks alternating with embervm's (``--blocks``, default 20), so that both are timed under
+the same host load: exit costs on this shared PVM host drift by +-20% from one second to the
+next, more than the difference being measured.
+
+Run: ``python benchmarks/exitbench.py [N] [MODE...] [--c-lib PATH]``; prints one line per mode,
+``<mode> exits=<n> embervm_us=<us per exit> [c_us=<us per exit>]``.
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import struct
 import sys
 import threading
@@ -49,6 +56,8 @@ TSS_ADDR = 0xFFFB_D000
 GDT_ENTRIES = (0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF)
 # If the guest stops exiting, the watchdog kicks the vCPU and the run fails.
 WATCHDOG_SECONDS = 120.0
+# Blocks per measurement: the C loop and embervm's take turns, so both see the same host load.
+BLOCKS = 20
 POST_PORT = 0x80
 
 
@@ -98,66 +107,126 @@ def _make_vm(kvm: Kvm, code: bytes) -> tuple[Vm, GuestMemory, Vcpu]:
     return vm, mem, vcpu
 
 
-def run_mode(kvm: Kvm, mode: str, n: int) -> float:
-    """Seconds for ``n`` exits of ``mode`` through embervm's exit loop."""
-    code = bytearray(MODES[mode])
-    code[1:5] = struct.pack("<I", n)
-    vm, mem, vcpu = _make_vm(kvm, bytes(code))
+class _Runner:
+    """One VM running one mode's guest; serves blocks of exits on its own thread."""
+
+    def __init__(self, kvm: Kvm, mode: str, block: int) -> None:
+        code = bytearray(MODES[mode])
+        code[1:5] = struct.pack("<I", block)
+        self.mode = mode
+        self.end = CODE + len(code)
+        self.vm, self.mem, self.vcpu = _make_vm(kvm, bytes(code))
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.pio.insert(Serial(lambda: None, lambda data: None), SERIAL_PORT, 8)
+        self.pio.insert(PortSink(), POST_PORT, 1)
+        self.mmio.insert(MmioTransport(Rng(), self.mem, interrupt=lambda: None),
+                         VIRTIO_MMIO_BASE, 0x1000)
+        self.stopped = threading.Event()
+
+    def restart(self) -> None:
+        regs = self.vcpu.get_regs()
+        regs.rip, regs.rsp, regs.rflags = CODE, 0x8000, 0x2
+        self.vcpu.set_regs(regs)
+
+    def check_block(self, reason: int) -> None:
+        if reason != k.KVM_EXIT_HLT or self.stopped.is_set():
+            raise SystemExit(f"exitbench: {self.mode}: ended with "
+                             f"{self.vcpu.describe_exit(reason)}")
+        regs = self.vcpu.get_regs()
+        # Every iteration exited once: ECX counted down to 0 and the guest halted after the loop.
+        if regs.rcx & 0xFFFF_FFFF or regs.rip != self.end:
+            raise SystemExit(f"exitbench: {self.mode}: guest stopped early (ecx {regs.rcx:#x}, "
+                             f"rip {regs.rip:#x})")
+
+    def check_devices(self) -> None:
+        pio, mmio = self.pio, self.mmio
+        if pio.unknown_reads + pio.unknown_writes + mmio.unknown_reads + mmio.unknown_writes:
+            raise SystemExit(f"exitbench: {self.mode}: exits reached no device")
+        if pio.device_errors or mmio.device_errors:
+            raise SystemExit(f"exitbench: {self.mode}: a device raised")
+
+    def close(self) -> None:
+        self.vm.close()
+        self.mem.close()
+
+
+def run_mode(kvm: Kvm, mode: str, n: int, clib: ctypes.CDLL | None,
+             blocks: int = BLOCKS) -> dict[str, float]:
+    """Seconds for ``n`` exits of ``mode`` through embervm's exit loop (``"embervm"``) and, with
+    ``clib``, through the C loop (``"c"``), in alternating blocks on the same vCPU."""
+    blocks = max(1, min(blocks, n))
+    r = _Runner(kvm, mode, n // blocks)
+    times = {"embervm": 0.0, "c": 0.0} if clib else {"embervm": 0.0}
+    errors: list[BaseException] = []
+
+    def vcpu_thread() -> None:
+        vcpu = r.vcpu
+        vcpu.attach_thread()
+        page = ctypes.c_char.from_buffer(vcpu.run_mmap) if clib else None
+        try:
+            for b in range(blocks):
+                order = ("embervm", "c") if b % 2 == 0 else ("c", "embervm")
+                for who in order:
+                    if who not in times:
+                        continue
+                    r.restart()
+                    start = time.perf_counter()
+                    if who == "embervm":
+                        reason = exit_loop(vcpu, r.pio, r.mmio, r.stopped.is_set)
+                    else:
+                        served = clib.exitloop_serve(vcpu.fd, ctypes.addressof(page))
+                        reason = vcpu.run_mmap[8] if served >= 0 else -1  # exit_reason
+                    times[who] += time.perf_counter() - start
+                    r.check_block(reason)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+        finally:
+            del page  # the mmap cannot close while ctypes holds its buffer
+
+    def watchdog() -> None:
+        r.stopped.set()
+        r.vcpu.kick()
+
+    timer = threading.Timer(WATCHDOG_SECONDS, watchdog)
+    thread = threading.Thread(target=vcpu_thread, name="vcpu0")
+    timer.start()
     try:
-        pio, mmio = Bus("pio"), Bus("mmio")
-        serial = Serial(lambda: None, lambda data: None)
-        pio.insert(serial, SERIAL_PORT, 8)
-        pio.insert(PortSink(), POST_PORT, 1)
-        mmio.insert(MmioTransport(Rng(), mem, interrupt=lambda: None), VIRTIO_MMIO_BASE, 0x1000)
-        stopped = threading.Event()
-        result: list[object] = []
-
-        def vcpu_thread() -> None:
-            vcpu.attach_thread()
-            try:
-                result.append(exit_loop(vcpu, pio, mmio, stopped.is_set))
-            except BaseException as e:  # reported by the main thread
-                result.append(e)
-
-        def watchdog() -> None:
-            stopped.set()
-            vcpu.kick()
-
-        timer = threading.Timer(WATCHDOG_SECONDS, watchdog)
-        thread = threading.Thread(target=vcpu_thread, name="vcpu0")
-        timer.start()
-        start = time.perf_counter()
         thread.start()
         thread.join()
-        elapsed = time.perf_counter() - start
         timer.cancel()
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        if result[0] != k.KVM_EXIT_HLT or stopped.is_set():
-            raise SystemExit(f"exitbench: {mode}: ended with {vcpu.describe_exit(result[0])}")
-        regs = vcpu.get_regs()
-        # Every iteration exited once: ECX counted down to 0 and the guest halted after the loop.
-        if regs.rcx & 0xFFFF_FFFF or regs.rip != CODE + len(code):
-            raise SystemExit(f"exitbench: {mode}: guest stopped early (ecx {regs.rcx:#x}, "
-                             f"rip {regs.rip:#x})")
-        if pio.unknown_reads + pio.unknown_writes + mmio.unknown_reads + mmio.unknown_writes:
-            raise SystemExit(f"exitbench: {mode}: exits reached no device")
-        if pio.device_errors or mmio.device_errors:
-            raise SystemExit(f"exitbench: {mode}: a device raised")
-        return elapsed
+        if errors:
+            raise errors[0]
+        r.check_devices()
     finally:
-        vm.close()
-        mem.close()
+        r.close()
+    served = n // blocks * blocks  # exits each loop served
+    return {who: t / served * n for who, t in times.items()}
+
+
+def load_clib(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.exitloop_serve.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    lib.exitloop_serve.restype = ctypes.c_long
+    return lib
 
 
 def main(argv: list[str]) -> int:
-    n = int(argv[0]) if argv else 200_000
-    modes = [m for m in MODES if len(argv) <= 1 or m in argv[1:]]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("exits", nargs="?", type=int, default=200_000)
+    ap.add_argument("modes", nargs="*", metavar="MODE", help=f"of {', '.join(MODES)} (all)")
+    ap.add_argument("--c-lib", help="exitloop.so (exitloop.c built with -DEXITLOOP_LIB): "
+                    "time the C loop too, in blocks alternating with embervm's")
+    ap.add_argument("--blocks", type=int, default=BLOCKS)
+    a = ap.parse_args(argv)
+    if set(a.modes) - set(MODES):
+        ap.error(f"unknown mode(s) {', '.join(set(a.modes) - set(MODES))}")
+    clib = load_clib(a.c_lib) if a.c_lib else None
     install_kick_handler()
     with Kvm() as kvm:
-        for mode in modes:
-            t = run_mode(kvm, mode, n)
-            print(f"{mode} exits={n} seconds={t:.6f} us_per_exit={t / n * 1e6:.3f}", flush=True)
+        for mode in a.modes or MODES:
+            t = run_mode(kvm, mode, a.exits, clib, a.blocks)
+            line = " ".join(f"{who}_us={v / a.exits * 1e6:.3f}" for who, v in t.items())
+            print(f"{mode} exits={a.exits} {line}", flush=True)
     return 0
 
 

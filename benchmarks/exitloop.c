@@ -13,6 +13,11 @@
  *
  * Prints one line per mode: "<mode> exits=<n> seconds=<s> us_per_exit=<us>".
  * Exits 1 with a message on any unexpected exit or ioctl failure.
+ *
+ * Built with -shared -fPIC -DEXITLOOP_LIB it is a library instead: exitbench.py calls
+ * exitloop_serve() on its own vCPU, alternating blocks of exits served by this loop and by
+ * embervm's, so that both are timed under the same host load (PVM exit costs drift by +-20%
+ * from second to second on a shared host).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -30,6 +35,37 @@
 #define CODE 0x1000
 #define GDT 0x500
 
+/*
+ * Serve port-I/O and MMIO exits of a set-up vCPU until any other exit (the guest's final HLT).
+ * Returns the number of exits served, -1 with errno set if KVM_RUN failed, or -2 when it was
+ * interrupted with immediate_exit set (a watchdog's kick).
+ */
+long exitloop_serve(int vcpu, struct kvm_run *run)
+{
+	long exits = 0;
+	for (;;) {
+		if (ioctl(vcpu, KVM_RUN, 0) < 0) {
+			if ((errno == EINTR || errno == EAGAIN) && run->immediate_exit)
+				return -2;
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return -1;
+		}
+		uint32_t why = run->exit_reason;
+		if (why == KVM_EXIT_IO) {
+			if (run->io.direction == KVM_EXIT_IO_IN)
+				((uint8_t *)run)[run->io.data_offset] = 0x60; /* LSR: THRE|TEMT */
+		} else if (why == KVM_EXIT_MMIO) {
+			if (!run->mmio.is_write)
+				memset(run->mmio.data, 0, 4);
+		} else {
+			return exits;
+		}
+		exits++;
+	}
+}
+
+#ifndef EXITLOOP_LIB
 static void die(const char *what)
 {
 	fprintf(stderr, "exitloop: %s: %s\n", what, strerror(errno));
@@ -106,30 +142,13 @@ static double run_mode(int kvm, int mode, uint32_t n, int mmap_size)
 		die("KVM_SET_REGS");
 
 	struct timespec a, b;
-	uint32_t exits = 0;
 	clock_gettime(CLOCK_MONOTONIC, &a);
-	for (;;) {
-		if (ioctl(vcpu, KVM_RUN, 0) < 0) {
-			if (errno == EINTR || errno == EAGAIN)
-				continue;
-			die("KVM_RUN");
-		}
-		uint32_t why = run->exit_reason;
-		if (why == KVM_EXIT_IO) {
-			if (run->io.direction == KVM_EXIT_IO_IN)
-				((uint8_t *)run)[run->io.data_offset] = 0x60; /* LSR: THRE|TEMT */
-		} else if (why == KVM_EXIT_MMIO) {
-			if (!run->mmio.is_write)
-				memset(run->mmio.data, 0, 4);
-		} else {
-			break;
-		}
-		if (++exits > n)
-			break;
-	}
+	long exits = exitloop_serve(vcpu, run);
 	clock_gettime(CLOCK_MONOTONIC, &b);
+	if (exits < 0)
+		die("KVM_RUN");  /* no watchdog here: -2 cannot happen */
 	if (run->exit_reason != KVM_EXIT_HLT || exits != n) {
-		fprintf(stderr, "exitloop: %s: exit reason %u after %u exits (expected HLT after %u)\n",
+		fprintf(stderr, "exitloop: %s: exit reason %u after %ld exits (expected HLT after %u)\n",
 			MODES[mode], run->exit_reason, exits, n);
 		exit(1);
 	}
@@ -161,3 +180,4 @@ int main(int argc, char **argv)
 	}
 	return 0;
 }
+#endif /* EXITLOOP_LIB */
