@@ -441,6 +441,24 @@ def test_unanswered_request_times_out_with_rst_and_a_closed_stream(guest, monkey
     s.close()
 
 
+def test_host_connection_is_closed_when_the_guest_posts_no_buffer_for_the_request(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(mux, "CONN_REQUEST_TIMEOUT", 0.05)
+    g = VsockGuest(tmp_path, fill=False)
+    try:
+        g.fill_rx = lambda n=None: 0  # type: ignore[method-assign]  # no rx buffers at all
+        s = g.host_connect(5004)
+        assert g.host_eof(s) == b""  # closed although the REQUEST could not be delivered
+        assert g.inbox == []
+        del g.fill_rx
+        g.fill_rx()
+        assert g.take(VIRTIO_VSOCK_OP_RST).dst_port == 5004  # the guest hears it is over
+        assert g.dev.muxer.connections == {}
+        s.close()
+    finally:
+        g.close()
+
+
 def test_host_ports_are_allocated_from_2_30_and_never_shared(guest):
     socks = [guest.host_connect(5000) for _ in range(5)]
     ports = [guest.take(VIRTIO_VSOCK_OP_REQUEST).src_port for _ in socks]

@@ -536,6 +536,9 @@ class VsockMuxer:
         self._drop_handshake(hs, None, keep=True)
         local_port = self._alloc_port(port)
         conn = Connection(local_port, port, sock, LOCAL_INIT, _P_REQUEST, local_init=True)
+        # The REQUEST must reach the guest in time too (it needs an rx buffer): a guest that
+        # posts none must not collect host streams whose closing nobody watches.
+        self._set_deadline(conn, CONN_REQUEST_TIMEOUT)
         self._add(conn)
 
     def _alloc_port(self, peer_port: int) -> int:
