@@ -34,7 +34,6 @@ deferred callbacks carry the activation epoch, so one scheduled before a reset d
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from collections.abc import Callable
@@ -314,7 +313,3 @@ class Vsock(VirtioDevice):
             return self.status()
         raise ValueError(usage)
 
-
-def socket_path_for_port(uds_path: str | os.PathLike[str], port: int) -> str:
-    """Where a host service for guest connections to CID 2 port ``port`` listens."""
-    return f"{os.fspath(uds_path)}_{port}"
