@@ -235,8 +235,8 @@ class Net(VirtioDevice):
         self.set_config("mac", mac_bytes, notify=False)
         self.set_config("status", VIRTIO_NET_S_LINK_UP, notify=False)
         self.metrics.update(
-            rx_frames=0, rx_bytes=0, rx_dropped=0, rx_malformed=0,
-            tx_frames=0, tx_bytes=0, tx_dropped=0, tx_errors=0,
+            rx_frames=0, rx_bytes=0, rx_gso_frames=0, rx_dropped=0, rx_malformed=0,
+            tx_frames=0, tx_bytes=0, tx_gso_frames=0, tx_dropped=0, tx_errors=0,
             invalid_chains=0, link_changes=0,
         )
         self._hdr_len = HDR_LEN
@@ -430,6 +430,8 @@ class Net(VirtioDevice):
             return True
         self.metrics["tx_frames"] += 1
         self.metrics["tx_bytes"] += frame_len
+        if hdr[1] != VIRTIO_NET_HDR_GSO_NONE:
+            self.metrics["tx_gso_frames"] += 1
         return True
 
     def _tx_header_problem(self, hdr: bytes, frame_len: int) -> str | None:
@@ -532,6 +534,13 @@ class Net(VirtioDevice):
             self._stop_reading()
             self.set_link(False)
             return False
+        if n == 0:
+            # A TAP never reads 0 bytes (that is end-of-file on a socket back-end): dead too.
+            self.ratelog.warning("rxeof", "%s: %s closed; link down", self.name, self.tap_name)
+            self._tap_dead = True
+            self._stop_reading()
+            self.set_link(False)
+            return False
         hdr_len = self._hdr_len
         if n < hdr_len + ETH_HLEN or n > hdr_len + MAX_FRAME:
             self.metrics["rx_dropped"] += 1
@@ -548,6 +557,7 @@ class Net(VirtioDevice):
             ):
                 self.metrics["rx_dropped"] += 1
                 return True
+            self.metrics["rx_gso_frames"] += 1
         if flags & VIRTIO_NET_HDR_F_DATA_VALID and not self.has_feature(VIRTIO_NET_F_GUEST_CSUM):
             buf[0] = flags & ~VIRTIO_NET_HDR_F_DATA_VALID  # §5.1.6.3.2: flags 0 without it
         self._rx_len = n
