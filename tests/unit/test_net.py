@@ -107,6 +107,14 @@ class PairTap:
     def send(self, packet: bytes) -> None:
         self.peer.send(packet)
 
+    def discard_queued(self) -> None:
+        """Throw away what the "host network" queued for the device and it has not read."""
+        while True:
+            try:
+                self._dev.recv(1 << 17)
+            except BlockingIOError:
+                return
+
     def received(self) -> list[bytes]:
         out = []
         while True:
@@ -121,10 +129,11 @@ class Guest:
 
     def __init__(self, *, offloads: int = ALL_TUN, accept: int | None = LINUX,
                  legacy: bool = False, packed: bool = False, mac: str | None = None,
-                 queue_sizes: list[int] | None = None, exact: int | None = None) -> None:
+                 queue_sizes: list[int] | None = None, exact: int | None = None,
+                 mem_size: int = 32 << 20) -> None:
         self.tap = PairTap(offloads)
         self.loop = EventLoop()
-        self.mem = GuestMemory([(0, 32 << 20)])
+        self.mem = GuestMemory([(0, mem_size)])
         self.dev = Net("tap-test", mac=mac, backend=self.tap)
         self.dev.loop = self.loop
         self.transport = MmioTransport(self.dev, self.mem, legacy=legacy, packed=packed)
@@ -156,6 +165,7 @@ class Guest:
 
     def close(self) -> None:
         self.dev.close()
+        self.tap.peer.close()
         self.loop.close()
 
 
