@@ -669,7 +669,7 @@ class VsockMuxer:
             # Not from this guest, or for a CID we do not serve: nobody to answer (Firecracker
             # drops these too; a Linux guest then times out its connect()).
             m["tx_dropped"] += 1
-            self._log.warning(("cid", src_cid, dst_cid), "vsock: dropping a packet from CID %d "
+            self._log.warning("cid", "vsock: dropping a packet from CID %d "
                               "to CID %d (guest is %d, host is 2)", src_cid, dst_cid,
                               self.guest_cid)
             return
@@ -715,7 +715,7 @@ class VsockMuxer:
             # REQUEST on a live connection, RESPONSE out of place, INVALID, unknown ops:
             # Firecracker drops these too; the connection carries on.
             m["tx_dropped"] += 1
-            self._log.warning(("badop", op, conn.state), "vsock: dropping op %d for a %s "
+            self._log.warning(("badop", conn.state), "vsock: dropping op %d for a %s "
                               "connection", op, STATE_NAMES[conn.state])
         self._update(conn)
 
@@ -735,7 +735,7 @@ class VsockMuxer:
         except OSError as e:
             sock.close()
             self.metrics["connect_refused"] += 1
-            self._log.debug(("connect", local_port, e.errno), "vsock: guest connect to %s: %s",
+            self._log.debug(("connect", e.errno), "vsock: guest connect to %s: %s",
                             path, e.strerror)
             self._enq_rst(local_port, peer_port)
             return
