@@ -53,7 +53,7 @@ EVENT_QUEUE = 2
 #: Ring sizes, as Firecracker.  Linux fills the whole rx ring with 4 KiB buffers.
 QUEUE_SIZE = 256
 
-#: §5.10.6.4 event ids (``enum virtio_vsock_event_id``).
+#: §5.10.6 "Device Events": event ids (``enum virtio_vsock_event_id``).
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 _EVENT = struct.Struct("<I")
 
@@ -128,7 +128,7 @@ class Vsock(VirtioDevice):
             self.muxer.close()
 
     def transport_reset(self, guest_cid: int | None = None) -> None:
-        """Drop every connection and tell the guest (TRANSPORT_RESET event, §5.10.6.4).
+        """Drop every connection and tell the guest (TRANSPORT_RESET, §5.10.6 "Device Events").
 
         With ``guest_cid``, the guest's CID changes first (config space, with a generation
         bump); Linux re-reads it when it handles the event.  Call on the event-loop thread.

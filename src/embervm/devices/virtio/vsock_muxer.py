@@ -17,7 +17,7 @@ Packets (virtio 1.2 §5.10.6) come in as a parsed header plus a :class:`ChainRea
 payload and go out into a :class:`ChainWriter`: nothing here knows about virtqueues.  The device
 (``vsock.py``) owns the queues; this module owns the sockets.
 
-Flow control (§5.10.6.3), both directions, per connection:
+Flow control (§5.10.6 "Buffer Space Management"), both directions, per connection:
 
 * host → guest: data is read from the host socket *straight into the guest's rx buffer*
   (``recv_into`` on guest-RAM views), at most ``min(guest credit, buffer room)`` bytes, and only
@@ -33,12 +33,13 @@ Flow control (§5.10.6.3), both directions, per connection:
   that overflows it anyway is reset.  A CREDIT_UPDATE is sent whenever :data:`CREDIT_UPDATE_STEP`
   bytes were forwarded since the guest last heard our ``fwd_cnt`` (every packet carries it).
 
-Closing (§5.10.6.5): a guest SHUTDOWN with SEND half-closes the host stream (``shutdown(SHUT_WR)``
-once buffered data is out); SEND|RCV (the guest closed) closes it and answers RST.  Host EOF is
-forwarded as SHUTDOWN: with only SEND if the host half-closed (``shutdown(SHUT_WR)``: it may still
-read), with SEND|RCV if it closed for good (``POLLHUP``: Firecracker sends both flags on any EOF).
-A connection the guest does not finish within :data:`CONN_SHUTDOWN_TIMEOUT` is reset.  Any RST
-closes the host stream at once; a host socket error resets the guest side.
+Closing (§5.10.6 "Stream Sockets"): a guest SHUTDOWN with SEND half-closes the host stream
+(``shutdown(SHUT_WR)`` once buffered data is out); SEND|RCV (the guest closed) closes it and
+answers RST.  Host EOF is forwarded as SHUTDOWN: with only SEND if the host half-closed
+(``shutdown(SHUT_WR)``: it may still read), with SEND|RCV if it closed for good (``POLLHUP``;
+Firecracker sends both flags on any EOF).  A connection the guest does not finish within
+:data:`CONN_SHUTDOWN_TIMEOUT` is reset.  Any RST closes the host stream at once; a host socket
+error resets the guest side.
 
 Limits: :data:`MAX_CONNECTIONS` connections (host handshakes included, as Firecracker), a bounded
 queue of RSTs for unknown connections (:data:`RST_QUEUE_SIZE`), bounded handshake lines.
@@ -198,7 +199,7 @@ class Connection:
         self.guest_shut = 0  # SHUTDOWN flags received from the guest
         self.host_shut = 0  # SHUTDOWN flags sent to the guest (host EOF / host gone)
         self.shut_wr = False  # shutdown(SHUT_WR) done on the host socket
-        # host → guest credit (§5.10.6.3): the guest's buffer and what it consumed of ours
+        # host → guest credit (§5.10.6): the guest's buffer and what it consumed of ours
         self.peer_buf_alloc = peer_buf_alloc
         self.peer_fwd_cnt = peer_fwd_cnt
         self.rx_cnt = 0  # payload bytes sent to the guest (u32, free-running)
@@ -696,7 +697,7 @@ class VsockMuxer:
                 self._remove(conn)
                 self._guest_connect(dst_port, src_port, buf_alloc, fwd_cnt)
             return
-        # Every packet carries the sender's credit (§5.10.6.3).
+        # Every packet carries the sender's credit (§5.10.6).
         conn.peer_buf_alloc = buf_alloc
         conn.peer_fwd_cnt = fwd_cnt
         if conn.credit_requested and conn.credit() > 0:
