@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-kvm test-e2e fuzz bench lint cov guest clean
+.PHONY: demo test test-unit test-kvm test-e2e fuzz bench bench-quick lint cov guest clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,8 +33,15 @@ cov: $(STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python -m embervm.testing.fuzz --examples $${EXAMPLES:-1000000}
 
+# embervm side by side with QEMU microvm and a raw C KVM exit loop (docs/PERFORMANCE.md): ~15 min.
+# Installs qemu-system-x86 and gcc with apt-get when missing (as root); results in out/bench/.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/virtqueue_bench.py
+
+# One run of each, shorter tests: ~3 min, for development (numbers need the full run).
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
