@@ -167,7 +167,8 @@ class Console(VirtioDevice):
         self._in_done = False  # stdin at EOF or not pollable: no more input
         self._out_broken = False  # stdout gone (EPIPE): output is dropped
         self._out_poll: Any = None
-        self._out_chunk = select.PIPE_BUF
+        # Largest single write: a writable pipe takes PIPE_BUF without blocking (stdio).
+        self._out_chunk = _SOCKET_CHUNK if kind == "socket" else select.PIPE_BUF
         # socket
         self._listener: socket.socket | None = None
         self._listening = False  # the listener is registered on the loop
@@ -385,10 +386,11 @@ class Console(VirtioDevice):
             out.clear()
             return
         # Bounded: each pass moves a chunk or stops.
-        for _ in range(2 + len(out) // min(self._out_chunk, _SOCKET_CHUNK)):
+        chunk = self._out_chunk
+        for _ in range(2 + len(out) // chunk):
             if not out:
                 break
-            n = self._sink_write(bytes(out[:_SOCKET_CHUNK]))
+            n = self._sink_write(bytes(out[:chunk]))
             if n is None:  # the sink is gone: what is left goes where output goes now
                 self._flush()
                 return
@@ -424,7 +426,7 @@ class Console(VirtioDevice):
             self._stdout_broken(f"poll reports {ev:#x}")
             return None
         try:
-            return os.write(self._out_fd, data[: self._out_chunk])
+            return os.write(self._out_fd, data)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as e:
