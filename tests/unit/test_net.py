@@ -7,6 +7,7 @@ The last tests use real TAP devices in a throwaway network namespace (root only)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 
 from embervm.devices.virtio import net as netmod
 from embervm.devices.virtio import spec
+from embervm.devices.virtio import tap as tapmod
 from embervm.devices.virtio.mmio import MmioTransport
 from embervm.devices.virtio.net import (
     NEEDS_CTRL_VQ,
@@ -500,6 +502,45 @@ def test_close_closes_the_tap_once_and_stops_polling(guest):
     assert guest.tap.closed and not guest.reading
     guest.dev.close()
     guest.drv.remove()  # a reset after close is harmless
+
+
+# -- TAP set-up errors -----------------------------------------------------------------------------
+
+
+def test_no_access_to_dev_net_tun_is_a_one_line_config_error(monkeypatch):
+    def refuse(path, flags, mode=0o777):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(tapmod.os, "open", refuse)
+    with pytest.raises(ConfigError, match=r"^--net tap=tap9: cannot open /dev/net/tun: "
+                                          r"Permission denied; run as root"):
+        tapmod.Tap("tap9")
+
+
+@pytest.mark.parametrize(("exists", "message"), [
+    (False, "TAP tap9 does not exist and creating it needs root"),
+    (True, "not allowed to attach to TAP tap9: it belongs to another user"),
+])
+def test_no_permission_for_the_tap_says_how_to_get_it(monkeypatch, exists, message):
+    r, w = os.pipe()  # any fd: every ioctl on it is answered by the fake below
+    os.close(w)
+    monkeypatch.setattr(tapmod.os, "open", lambda *a, **k: r)
+
+    def ioctl(fd, request, arg=0, *rest):
+        if request == tapmod.TUNSETIFF:
+            excl = struct.unpack_from("16sH", arg)[1] & tapmod.IFF_TUN_EXCL
+            if excl and exists:
+                raise OSError(errno.EBUSY, "Device or resource busy")
+            raise OSError(errno.EPERM, "Operation not permitted")
+        raise AssertionError("no other ioctl after a refused TUNSETIFF")
+
+    monkeypatch.setattr(tapmod.fcntl, "ioctl", ioctl)
+    with pytest.raises(ConfigError, match=message) as info:
+        tapmod.Tap("tap9")
+    assert "\n" not in str(info.value) and "ip tuntap add dev tap9 mode tap user" in str(
+        info.value)
+    with pytest.raises(OSError):
+        os.fstat(r)  # the fd was closed on the error path
 
 
 # -- real TAP devices (root, in a throwaway network namespace) -------------------------------------
