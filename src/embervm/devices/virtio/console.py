@@ -8,9 +8,8 @@ receiveq (host → guest), queue 1 its transmitq (guest → host).  Features off
   socket: ``console resize COLS ROWS``) and :meth:`Console.terminal_resized` (the SIGWINCH hook)
   change them with a generation bump and a config interrupt.  Linux reads the size only in its
   config-change handler (``config_work_handler``: without MULTIPORT the probe starts at 0x0), so
-  the device also raises one config interrupt right after DRIVER_OK, as cloud-hypervisor does;
-  hvc applies a size only to an *open* tty, so a size sent before anything opened hvc0 is lost
-  until the next change.
+  the device also raises one config interrupt right after DRIVER_OK, as cloud-hypervisor does
+  (the e2e test sees 80x24 in ``stty size`` on the first open of hvc0).
 * ``VIRTIO_CONSOLE_F_EMERG_WRITE``: a driver write to ``emerg_wr`` puts its low byte on the
   output, even before FEATURES_OK/DRIVER_OK (that is its purpose: early debugging, before the
   queues exist), as QEMU does once the feature is offered; the transport takes config writes
