@@ -16,9 +16,11 @@ Three properties:
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -38,7 +40,9 @@ from embervm.testing.rings import DriverSplitRing
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Hypothesis examples cannot use the function-scoped tmp_path: one directory for the module.
 _DIR = Path(tempfile.mkdtemp(prefix="console-hostile-"))
+atexit.register(shutil.rmtree, _DIR, True)
 _NAMES = itertools.count()
 
 
