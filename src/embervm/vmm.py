@@ -274,6 +274,14 @@ class Vmm:
             # vCPU threads are kicked out of KVM_RUN with this signal; the handler does nothing.
             old_handlers[kvmmod.KICK_SIGNAL] = signal.signal(kvmmod.KICK_SIGNAL,
                                                              lambda *_: None)
+            resized = [getattr(s.device, "terminal_resized", None) for s in self.slots]
+            hooks = [h for h in resized if h is not None]
+            if hooks and self._uses_stdin():
+                # The host terminal changed size: a stdio console tells the guest (config change).
+                old_handlers[signal.SIGWINCH] = signal.signal(
+                    signal.SIGWINCH,
+                    lambda *_: [self.loop.call_soon_threadsafe(h) for h in hooks],
+                )
         try:
             self._enter_terminal()
             for vcpu in self.vcpus:
