@@ -115,6 +115,41 @@ static void *aligned(size_t n)
 	return p;
 }
 
+/* Interrupts taken so far by virtio devices (the "virtio" lines of /proc/interrupts): how many
+ * completions each interrupt carried is the VMM's main influence on a guest that PVM makes
+ * CPU-bound, since every interrupt costs the emulated guest kernel a handler run. */
+static unsigned long long virtio_irqs(void)
+{
+	FILE *f = fopen("/proc/interrupts", "r");
+	char line[512];
+	unsigned long long total = 0;
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof line, f)) {
+		if (!strstr(line, "virtio"))
+			continue;
+		char *p = strchr(line, ':');
+		if (p)
+			total += strtoull(p + 1, 0, 10); /* one vCPU: one count column */
+	}
+	fclose(f);
+	return total;
+}
+
+static unsigned long long irq_mark;
+
+static void irq_start(void)
+{
+	irq_mark = virtio_irqs();
+}
+
+/* "BENCH <name>_irq_per_op <interrupts per request>" (informational, not a headline metric). */
+static void irq_report(const char *name, unsigned long long ops)
+{
+	if (ops)
+		say("BENCH %s_irq_per_op %.3f irq/op\n", name, (virtio_irqs() - irq_mark) / (double)ops);
+}
+
 /* -- block ------------------------------------------------------------------------------------ */
 
 static uint64_t disk_size;
@@ -141,6 +176,7 @@ static void seq(const char *dev, int write)
 		return;
 	}
 	uint64_t off = 0, bytes = 0;
+	irq_start();
 	double t0 = now(), t;
 	do {
 		if (off + SEQ_BLOCK > disk_size)
@@ -160,6 +196,7 @@ static void seq(const char *dev, int write)
 	}
 	t = now() - t0;
 	say("BENCH %s %.2f MiB/s\n", name, bytes / t / (1 << 20));
+	irq_report(name, bytes / SEQ_BLOCK);
 out:
 	close(fd);
 	free(buf);
@@ -202,6 +239,7 @@ static void rand_read(const char *dev, int depth)
 {
 	struct rand_job jobs[QD];
 	pthread_t tids[QD];
+	irq_start();
 	double t0 = now();
 	for (int i = 0; i < depth; i++) {
 		jobs[i] = (struct rand_job){ dev, t0 + seconds, 0x9e3779b97f4a7c15ull * (i + 1), 0, 0 };
@@ -226,6 +264,9 @@ static void rand_read(const char *dev, int depth)
 		say("BENCH error rand_read_qd%d: %s\n", depth, strerror(failed));
 	else
 		say("BENCH rand_read_qd%d %.0f IOPS\n", depth, ops / t);
+	char name[32];
+	snprintf(name, sizeof name, "rand_read_qd%d", depth);
+	irq_report(name, ops);
 }
 
 static void blk(const char *dev)
