@@ -66,6 +66,12 @@ echo "ro-write-status=$?"
 echo "ro-flag=$(cat /sys/block/vdc/ro)"
 echo "vdc-head=$(head -c 16 /dev/vdc)"
 echo "disks=$(ls /sys/block | tr '\\n' ' ')"
+dev=$(basename $(readlink /sys/block/vdc/device))
+echo $dev > /sys/bus/virtio/drivers/virtio_blk/unbind
+echo "after-unbind=$(ls /sys/block | tr '\\n' ' ')"
+echo $dev > /sys/bus/virtio/drivers/virtio_blk/bind
+sleep 1
+echo "rebound-head=$(head -c 16 /dev/$(ls /sys/bus/virtio/devices/$dev/block))"
 """
 
 
@@ -103,6 +109,14 @@ def test_read_only_disk_rejects_writes_and_file_is_unchanged(default_boot):
     assert re.search(r"ro-write-status=[1-9]", run.console), run.tail()
     assert "vdc-head=READONLY-CONTENT" in run.console, run.tail()
     assert ro.read_bytes() == ro_data
+
+
+def test_disk_unbind_and_rebind_in_the_live_guest(default_boot):
+    """Reset and re-probe of a live virtio-blk device through sysfs keeps it working."""
+    run = default_boot[0]
+    m = re.search(r"after-unbind=(.*)", run.console)
+    assert m and "vdc" not in m.group(1).split(), run.tail()
+    assert "rebound-head=READONLY-CONTENT" in run.console, run.tail()
 
 
 def test_all_disks_appear_in_the_guest(default_boot):
