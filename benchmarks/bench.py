@@ -112,10 +112,28 @@ class Samples:
     """metric key -> VMM name ("embervm", "qemu", "c") -> values."""
 
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # metric key -> VMM -> round -> value: the two VMMs' runs of one round ran back to back.
+    rounds: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def add(self, key: str, vmm: str, value: float) -> None:
+    def add(self, key: str, vmm: str, value: float, round_: int | None = None) -> None:
         self.values.setdefault(key, {}).setdefault(vmm, []).append(value)
+        if round_ is not None:
+            self.rounds.setdefault(key, {}).setdefault(vmm, {})[round_] = value
+
+    def ratio(self, key: str, vmm: str, ref: str) -> float | None:
+        """embervm / reference: the median of the per-round ratios when the runs were paired
+        (each round's two runs saw the same host load, so a load change between rounds
+        cancels), else the ratio of the medians."""
+        per = self.rounds.get(key, {})
+        a, b = per.get(vmm, {}), per.get(ref, {})
+        paired = [a[i] / b[i] for i in a.keys() & b.keys() if b[i]]
+        if paired:
+            return statistics.median(paired)
+        emb, other = self.values.get(key, {}).get(vmm), self.values.get(key, {}).get(ref)
+        if not emb or not other or not statistics.median(other):
+            return None
+        return statistics.median(emb) / statistics.median(other)
 
 
 def log(msg: str) -> None:
@@ -378,12 +396,12 @@ def bench_guest(s: Settings, art: Artifacts, samples: Samples) -> None:
                 dump = s.out / f"failed-{vmm}-{i + 1}.log"
                 dump.write_text("\n".join(r.log) + "\n")
             if r.boot_s is not None:
-                samples.add("boot", vmm, r.boot_s)
+                samples.add("boot", vmm, r.boot_s, i)
             for k, v in r.results.items():
-                samples.add(k, vmm, v)
+                samples.add(k, vmm, v, i)
             if r.rss:
                 for k, v in r.rss.items():
-                    samples.add(k, vmm, v)
+                    samples.add(k, vmm, v, i)
 
 
 def bench_exits(s: Settings, art: Artifacts, samples: Samples) -> None:
@@ -399,8 +417,8 @@ def bench_exits(s: Settings, art: Artifacts, samples: Samples) -> None:
         for line in out.stdout.splitlines():
             m = re.match(r"(\w+) exits=\d+ embervm_us=(\S+) c_us=(\S+)", line)
             if m:
-                samples.add(m.group(1), "embervm", float(m.group(2)))
-                samples.add(m.group(1), "c", float(m.group(3)))
+                samples.add(m.group(1), "embervm", float(m.group(2)), i)
+                samples.add(m.group(1), "c", float(m.group(3)), i)
         log(f"exit run {i + 1}: {out.stdout.strip().replace(chr(10), '; ')}")
 
 
@@ -434,7 +452,7 @@ def bench_start(s: Settings, art: Artifacts, samples: Samples) -> None:
             if value is None:
                 samples.notes.append(f"start run {i + 1} {vmm}: no first-KVM_RUN marker")
             else:
-                samples.add("start", vmm, value * 1000)
+                samples.add("start", vmm, value * 1000, i)
                 log(f"start run {i + 1} {vmm}: first KVM_RUN after {value * 1000:.1f} ms")
 
 
@@ -522,7 +540,7 @@ def bench_net(s: Settings, art: Artifacts, samples: Samples) -> None:
                     samples.notes.append(f"net run {i + 1} {vmm}: {'; '.join(r.errors)}")
                     (s.out / f"failed-net-{vmm}-{i + 1}.log").write_text("\n".join(r.log))
                 for k, v in r.results.items():
-                    samples.add(k, vmm, v)
+                    samples.add(k, vmm, v, i)
 
 
 def bench_vsock(s: Settings, art: Artifacts, samples: Samples) -> None:
@@ -584,12 +602,6 @@ def other_vmms() -> int:
     return n
 
 
-def ratio(key: str, emb: list[float], ref: list[float]) -> float | None:
-    if not emb or not ref:
-        return None
-    return statistics.median(emb) / statistics.median(ref)
-
-
 def report(samples: Samples, s: Settings, meta: dict[str, object]) -> str:
     def cell(vals: list[float] | None) -> str:
         if not vals:
@@ -609,7 +621,7 @@ def report(samples: Samples, s: Settings, meta: dict[str, object]) -> str:
         emb = per.get("embervm")
         ref_name = "c" if group == "exit" else "qemu"
         ref = per.get(ref_name)
-        r = ratio(key, emb or [], ref or [])
+        r = samples.ratio(key, "embervm", ref_name)
         tgt = ""
         if target:
             op, val = target
@@ -625,7 +637,7 @@ def report(samples: Samples, s: Settings, meta: dict[str, object]) -> str:
                      f"{'-' if r is None else f'{r:.2f}'} | {tgt} |")
     head = (f"embervm vs {meta['host']['qemu']} microvm, {s.runs} run(s) each, alternating; "
             f"median [min-max]; guest {s.mem_mib} MiB, 1 vCPU; tests {s.seconds:g} s; "
-            f"{s.exits} exits per exit row\n"
+            f"{s.exits} exits per exit row; ratio: median of the per-round ratios\n"
             f"host: {meta['host']['cpu']}, {meta['host']['cores']} cores, "
             f"{meta['host']['kvm']}, Linux {meta['host']['kernel']}, Python "
             f"{meta['host']['python']}; load average {meta['load_before']} before, "
@@ -688,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (s.out / "results.md").write_text(text)
     (s.out / "results.json").write_text(json.dumps(
-        {"meta": meta, "samples": samples.values, "notes": samples.notes}, indent=1))
+        {"meta": meta, "samples": samples.values, "rounds": samples.rounds,
+         "notes": samples.notes}, indent=1))
     log(f"results in {s.out / 'results.md'} and results.json")
     return 0
 
