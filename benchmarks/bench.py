@@ -143,17 +143,22 @@ def log(msg: str) -> None:
 # -- preparation --------------------------------------------------------------------------------
 
 
-def ensure_tool(binary: str, package: str) -> None:
-    """Install ``package`` with apt-get when ``binary`` is missing and we are root."""
-    if shutil.which(binary):
+def ensure_tool(need: str, package: str) -> None:
+    """Install ``package`` with apt-get when ``need`` (a command, or an absolute path) is
+    missing and we are root; otherwise say what to install."""
+
+    def present() -> bool:
+        return Path(need).exists() if need.startswith("/") else shutil.which(need) is not None
+
+    if present():
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        log(f"{binary} missing: apt-get install -y {package}")
+        log(f"{need} missing: apt-get install -y {package}")
         subprocess.run(["apt-get", "update", "-q"], check=False, stdout=subprocess.DEVNULL)
         subprocess.run(["apt-get", "install", "-y", "-q", package], check=True,
                        stdout=subprocess.DEVNULL)
-    if not shutil.which(binary):
-        raise SystemExit(f"bench: {binary} is missing; install it: apt-get install -y {package}")
+    if not present():
+        raise SystemExit(f"bench: {need} is missing; install it: apt-get install -y {package}")
 
 
 def newc_cpio(files: dict[str, tuple[bytes, int]]) -> bytes:
@@ -204,8 +209,11 @@ def tsc_khz() -> int | None:
 def prepare(s: Settings) -> Artifacts:
     ensure_tool(QEMU, "qemu-system-x86")
     ensure_tool("gcc", "gcc")
-    if not Path("/usr/lib/x86_64-linux-gnu/libc.a").exists() and os.geteuid() == 0:
-        ensure_tool("gcc", "libc6-dev")  # static libc for the guest tool
+    # The static C library for the guest tool (Debian's multiarch path).
+    libc_a = subprocess.run(["gcc", "-print-file-name=libc.a"], capture_output=True,
+                            text=True).stdout.strip()
+    ensure_tool(libc_a if libc_a.startswith("/") else "/usr/lib/x86_64-linux-gnu/libc.a",
+                "libc6-dev")
     s.out.mkdir(parents=True, exist_ok=True)
     exitloop = s.out / "exitloop"
     subprocess.run(["gcc", "-O2", "-Wall", "-o", exitloop, HERE / "exitloop.c"], check=True)
