@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 SHARED_PREBUILT = Path(__file__).resolve().parents[3] / "shared" / "guest" / "prebuilt"
 
@@ -72,3 +75,33 @@ def script_disk(path: Path, script: str) -> Path:
     data += b"\0" * (-len(data) % 4096)
     path.write_bytes(data)
     return path
+
+
+class StepFailed(Exception):
+    """A step of a multi-step guest scenario did not happen as expected."""
+
+
+@dataclass
+class Record:
+    """What a multi-step scenario observed; a missing value means it stopped before it.
+
+    A scenario (one boot, several phases) fills ``values``; each test reads what it asserts on
+    with :meth:`get`, which fails with the step reached and the console tail.
+    """
+
+    step: str = "boot"
+    failure: str = ""
+    console: list[str] = field(default_factory=list)
+    stderr: str = ""
+    exit_status: int | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def tail(self, n: int = 50) -> str:
+        return ("\n--- guest console (tail) ---\n" + "\n".join(self.console[-n:])
+                + "\n--- embervm stderr ---\n" + self.stderr[-3000:])
+
+    def get(self, key: str) -> Any:
+        if key not in self.values:
+            pytest.fail(f"the scenario stopped in step {self.step!r} before {key!r} was "
+                        f"measured: {self.failure}" + self.tail())
+        return self.values[key]

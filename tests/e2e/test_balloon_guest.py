@@ -25,12 +25,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from e2e_helpers import embervm_cmd
+from e2e_helpers import Record, StepFailed, embervm_cmd
 
 from embervm.control import request
 from embervm.testing.initramfs import extend_initramfs
@@ -85,31 +84,9 @@ done
 """
 
 
-class StepFailed(Exception):
-    pass
-
-
 @dataclass
-class Record:
-    """What the scenario observed; ``None`` = the phase did not get that far."""
-
-    step: str = "boot"
-    failure: str = ""
-    console: list[str] = field(default_factory=list)
-    stderr: str = ""
-    exit_status: int | None = None
+class _Record(Record):
     socket_left: bool | None = None
-    values: dict[str, Any] = field(default_factory=dict)
-
-    def tail(self, n: int = 50) -> str:
-        return ("\n--- guest console (tail) ---\n" + "\n".join(self.console[-n:])
-                + "\n--- embervm stderr ---\n" + self.stderr[-3000:])
-
-    def get(self, key: str) -> Any:
-        if key not in self.values:
-            pytest.fail(f"the scenario stopped in step {self.step!r} before {key!r} was "
-                        f"measured: {self.failure}" + self.tail())
-        return self.values[key]
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +237,7 @@ def scenario(kernel_full, initrd_busybox, memtouch, tmp_path_factory) -> Record:
     vm = Vm(["run", "--kernel", str(kernel_full), "--initrd", str(initrd), "--mem", "256",
              "--balloon", "0,stats=1", "--control", str(sock), "--serial", "stdio",
              "--append", "guest.script=/balloon-test.sh"], d / "stderr.txt")
-    rec = Record()
+    rec = _Record()
     try:
         run_scenario(vm, sock, rec)
     except (StepFailed, OSError, ValueError, subprocess.TimeoutExpired) as e:

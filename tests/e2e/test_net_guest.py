@@ -32,12 +32,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import embervm_cmd
+from e2e_helpers import Record, StepFailed, embervm_cmd
 
 from embervm.control import request
 from embervm.testing.initramfs import extend_initramfs
@@ -207,30 +207,9 @@ for line in sys.stdin:
 """
 
 
-class StepFailed(Exception):
-    pass
-
-
 @dataclass
-class Record:
-    """What the scenario observed; a missing key means the phase did not get that far."""
-
+class _Record(Record):
     step: str = "setup"
-    failure: str = ""
-    console: list[str] = field(default_factory=list)
-    stderr: str = ""
-    exit_status: int | None = None
-    values: dict[str, Any] = field(default_factory=dict)
-
-    def tail(self, n: int = 50) -> str:
-        return ("\n--- guest console (tail) ---\n" + "\n".join(self.console[-n:])
-                + "\n--- embervm stderr ---\n" + self.stderr[-3000:])
-
-    def get(self, key: str) -> Any:
-        if key not in self.values:
-            pytest.fail(f"the scenario stopped in step {self.step!r} before {key!r} was "
-                        f"measured: {self.failure}" + self.tail())
-        return self.values[key]
 
 
 class Lines:
@@ -460,7 +439,7 @@ def scenario(netns, kernel_full, initrd_busybox, netxfer, tmp_path_factory) -> R
         "net-test.sh": script.encode(),
     }, d / "initrd.cpio")
     sock = d / "vm.sock"
-    rec = Record()
+    rec = _Record()
     helper = vm = None
     try:
         helper = HostHelper(netns)
