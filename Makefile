@@ -33,13 +33,13 @@ cov: $(STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python -m embervm.testing.fuzz --examples $${EXAMPLES:-1000000}
 
-# embervm side by side with QEMU microvm and a raw C KVM exit loop (docs/PERFORMANCE.md): ~15 min.
+# embervm side by side with QEMU microvm and a raw C KVM exit loop (docs/PERFORMANCE.md): ~12 min.
 # Installs qemu-system-x86 and gcc with apt-get when missing (as root); results in out/bench/.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/virtqueue_bench.py
 
-# One run of each, shorter tests: ~3 min, for development (numbers need the full run).
+# One run of each, shorter tests: ~2 min, for development (numbers need the full run).
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --quick
 
