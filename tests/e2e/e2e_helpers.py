@@ -5,6 +5,7 @@ kernels, and read what the guest printed.  Every failure message carries the con
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+GUEST_HELPERS = Path(__file__).resolve().parents[2] / "guest" / "helpers"
 
 SHARED_PREBUILT = Path(__file__).resolve().parents[3] / "shared" / "guest" / "prebuilt"
 
@@ -105,3 +108,15 @@ class Record:
             pytest.fail(f"the scenario stopped in step {self.step!r} before {key!r} was "
                         f"measured: {self.failure}" + self.tail())
         return self.values[key]
+
+
+def build_guest_helper(name: str, outdir: Path) -> Path:
+    """Compile guest/helpers/<name>.c into a static binary for the guest (skip without gcc)."""
+    gcc = shutil.which("gcc")
+    src = GUEST_HELPERS / f"{name}.c"
+    if gcc is None:
+        pytest.skip(f"gcc is needed to build the static guest helper {src}")
+    out = outdir / name
+    subprocess.run([gcc, "-static", "-O2", "-s", "-o", str(out), str(src)], check=True,
+                   capture_output=True, timeout=300)
+    return out

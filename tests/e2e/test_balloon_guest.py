@@ -20,7 +20,6 @@ part of the record, and a phase that never completed fails its tests with the co
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -29,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e_helpers import Record, StepFailed, embervm_cmd
+from e2e_helpers import Record, StepFailed, build_guest_helper, embervm_cmd
 
 from embervm.control import request
 from embervm.testing.initramfs import extend_initramfs
 
-HELPERS = Path(__file__).resolve().parents[2] / "guest" / "helpers"
 MIB_KB = 1024
 INFLATE_MIB = 64
 TOUCH_MIB = 24  # ~0.5 s per MiB here: every page fault zeroes a page in emulated kernel code
@@ -91,13 +89,7 @@ class _Record(Record):
 
 @pytest.fixture(scope="module")
 def memtouch(tmp_path_factory) -> bytes:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the static guest helper guest/helpers/memtouch.c")
-    out = tmp_path_factory.mktemp("helpers") / "memtouch"
-    subprocess.run([gcc, "-static", "-O2", "-s", "-o", str(out), str(HELPERS / "memtouch.c")],
-                   check=True, timeout=120)
-    return out.read_bytes()
+    return build_guest_helper("memtouch", tmp_path_factory.mktemp("helpers")).read_bytes()
 
 
 class Vm:

@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import Record, StepFailed, embervm_cmd
+from e2e_helpers import Record, StepFailed, build_guest_helper, embervm_cmd
 
 from embervm.control import request
 from embervm.testing.initramfs import extend_initramfs
 
-HELPERS = Path(__file__).resolve().parents[2] / "guest" / "helpers"
 HOST_IP = "10.0.2.1"
 GUEST_IP = "10.0.2.15"
 MAC = "52:54:00:12:34:56"
@@ -400,13 +399,7 @@ def _sh(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def netxfer(tmp_path_factory) -> bytes:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the static guest helper guest/helpers/netxfer.c")
-    out = tmp_path_factory.mktemp("helpers") / "netxfer"
-    subprocess.run([gcc, "-static", "-O2", "-s", "-o", str(out), str(HELPERS / "netxfer.c")],
-                   check=True, timeout=120)
-    return out.read_bytes()
+    return build_guest_helper("netxfer", tmp_path_factory.mktemp("helpers")).read_bytes()
 
 
 @pytest.fixture(scope="module")

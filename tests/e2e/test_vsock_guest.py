@@ -33,11 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e_helpers import embervm_cmd
+from e2e_helpers import build_guest_helper, embervm_cmd
 
 from embervm.testing.initramfs import extend_initramfs
 
-HELPER_SRC = Path(__file__).resolve().parents[2] / "guest" / "helpers" / "vsock.c"
 STREAM = 64 << 20
 ECHO_CONNS = 50
 ECHO_BYTES = 64 << 10
@@ -346,13 +345,7 @@ def _after_rebind(uds: str, control: str, res: dict) -> None:
 
 @pytest.fixture(scope="module")
 def helper(tmp_path_factory) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the static guest helper")
-    out = tmp_path_factory.mktemp("helper") / "vsock"
-    subprocess.run([gcc, "-static", "-O2", "-o", str(out), str(HELPER_SRC)], check=True,
-                   capture_output=True, timeout=300)
-    return out
+    return build_guest_helper("vsock", tmp_path_factory.mktemp("helper"))
 
 
 @pytest.fixture(scope="module")
