@@ -31,10 +31,38 @@ MAX_MEM_MIB = 64 * 1024
 
 
 @dataclass
+class BucketConfig:
+    """One token bucket (Firecracker's ``TokenBucket``): ``size`` tokens (bytes or operations),
+    refilled completely every ``refill_time_ms``; ``one_time_burst`` extra tokens at the start."""
+
+    size: int
+    refill_time_ms: int
+    one_time_burst: int = 0
+
+
+@dataclass
+class RateLimitConfig:
+    """Firecracker's ``RateLimiter``: a bandwidth bucket (bytes) and an ops bucket (requests);
+    either may be absent (unlimited)."""
+
+    bandwidth: BucketConfig | None = None
+    ops: BucketConfig | None = None
+
+
+CACHE_TYPES = ("Unsafe", "Writeback")
+IO_ENGINES = ("Sync", "Async")
+
+
+@dataclass
 class DiskConfig:
     path: Path
     read_only: bool = False
-    id: str | None = None
+    id: str | None = None  # Firecracker's drive_id; also the virtio-blk serial
+    is_root_device: bool = False  # root=/dev/vdX (or PARTUUID=partuuid) on the command line
+    partuuid: str | None = None
+    cache_type: str = "Unsafe"  # Unsafe: FLUSH not offered; Writeback: FLUSH -> fdatasync
+    io_engine: str = "Sync"  # Sync: on the event loop; Async: on I/O worker threads
+    rate_limiter: RateLimitConfig | None = None
 
 
 @dataclass
@@ -47,6 +75,9 @@ class SerialConfig:
 class NetConfig:
     tap: str
     mac: str | None = None  # "52:54:00:12:34:56"; None: derived from the TAP name
+    id: str | None = None  # Firecracker's iface_id
+    rx_rate_limiter: RateLimitConfig | None = None
+    tx_rate_limiter: RateLimitConfig | None = None
 
 
 @dataclass
@@ -59,6 +90,7 @@ class ConsoleConfig:
 class VsockConfig:
     cid: int
     uds: Path
+    id: str | None = None  # Firecracker's deprecated vsock_id, echoed back by GET /vm/config
 
 
 @dataclass
@@ -79,6 +111,7 @@ class VmConfig:
     disks: list[DiskConfig] = field(default_factory=list)
     serial: SerialConfig = field(default_factory=SerialConfig)
     rng: bool = False
+    rng_rate_limiter: RateLimitConfig | None = None
     nets: list[NetConfig] = field(default_factory=list)
     console: ConsoleConfig | None = None
     vsock: VsockConfig | None = None

@@ -15,6 +15,11 @@ class ConfigError(EmbervmError):
     """Bad input from the user: configuration, paths, images, sizes."""
 
 
+class StateError(EmbervmError):
+    """An operation that the VM's current state does not allow (e.g. adding a drive after
+    start, pausing a VM that is not running)."""
+
+
 class KvmError(EmbervmError):
     """The host's KVM refused something or lacks a capability embervm needs."""
 
