@@ -233,7 +233,7 @@ class GatedLoop:
     def in_loop_thread(self) -> bool:
         return self.loop.in_loop_thread()
 
-    # -- the gate ------------------------------------------------------------------------------------
+    # -- the gate --------------------------------------------------------------------------------
 
     def _on_readable(self, fd: int) -> None:
         cb = self._readers.get(fd)

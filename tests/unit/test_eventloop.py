@@ -77,3 +77,65 @@ def test_a_failing_callback_does_not_stop_the_loop(loop, caplog):
     loop.run_once(1)
     assert ran == [1]
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_reader_and_writer_on_one_fd_are_independent(loop):
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    seen = []
+    loop.add_reader(a.fileno(), lambda: seen.append(("r", a.recv(10))))
+    loop.add_writer(a.fileno(), lambda: seen.append(("w",)))
+    loop.run_once(1)
+    assert seen == [("w",)]  # writable, nothing to read yet
+    loop.remove_writer(a.fileno())
+    b.send(b"x")
+    loop.run_once(1)
+    assert seen == [("w",), ("r", b"x")]
+    assert loop.has_reader(a.fileno())
+    loop.remove_reader(a.fileno())
+    b.send(b"y")
+    loop.run_once(0)
+    assert len(seen) == 2
+    a.close()
+    b.close()
+
+
+def test_gated_loop_holds_readers_timers_and_callbacks_while_paused(loop):
+    from embervm.eventloop import GatedLoop
+
+    gate = GatedLoop(loop)
+    r, w = os.pipe()
+    seen = []
+    gate.add_reader(r, lambda: seen.append(os.read(r, 10)))
+    gate.call_later(0, lambda: seen.append("timer"))
+    gate.pause()
+    gate.call_soon_threadsafe(lambda: seen.append("soon"))
+    os.write(w, b"a")
+    for _ in range(3):
+        loop.run_once(0.01)
+    assert seen == []  # nothing ran while paused, and the readable fd did not spin
+    assert not loop.has_reader(r) and gate.has_reader(r)
+    gate.resume()
+    assert seen == ["timer", "soon"]  # deferred work runs at resume, in order
+    loop.run_once(0.1)
+    assert seen == ["timer", "soon", b"a"]  # the parked reader fires once re-registered
+    gate.remove_reader(r)
+    assert not gate.has_reader(r) and not loop.has_reader(r)
+    os.close(r)
+    os.close(w)
+
+
+def test_in_loop_thread(loop):
+    assert loop.in_loop_thread()  # nobody runs it: callers may act directly
+    flags = []
+    t = threading.Thread(target=loop.run)
+    t.start()
+    loop.call_soon_threadsafe(lambda: flags.append(loop.in_loop_thread()))
+    while not flags:
+        pass
+    assert flags == [True] and not loop.in_loop_thread()
+    loop.stop()
+    t.join()
+    assert loop.in_loop_thread()
