@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .host import host_profile
 
-# Required on this project's PVM host (see guest/README.md): without them the kit kernel
-# cannot boot.  embervm puts them first; the user's words follow and may override.
-CMDLINE_REQUIRED = (
-    "console=ttyS0 panic=-1 reboot=k noxsave clearcpuid=smap,popcnt,cx16,erms,fsrm,rep_good"
-)
+# Every guest's base words (Firecracker's defaults, with panic=-1: a panic reboots at once, which
+# ends the VM) and, on this project's PVM host only, the words without which the kit kernel
+# cannot boot there (embervm.host, guest/README.md).  embervm puts them first; the user's words
+# follow and may override.
+CMDLINE_BASE = "console=ttyS0 panic=-1 reboot=k"
+CMDLINE_REQUIRED = f"{CMDLINE_BASE} {host_profile().cmdline_words}".strip()
 # Recommended: each saves boot time under emulation.  tsc_early_khz= is added from
 # KVM_GET_TSC_KHZ at start-up.
 CMDLINE_RECOMMENDED = "quiet noreplace-smp percpu_alloc=page rodata=off"
@@ -25,7 +27,16 @@ CMDLINE_RECOMMENDED = "quiet noreplace-smp percpu_alloc=page rodata=off"
 # the `full` kernel skips its search for an RSDP instead of logging a firmware error.
 CMDLINE_EMBERVM = "acpi=off"
 
-MAX_VCPUS = 8  # the kit kernel has NR_CPUS=8
+
+def max_vcpus() -> int:
+    """The vCPU limit before KVM is asked: the MP table's room, and the host profile's cap
+    (the VMM also checks KVM_CAP_MAX_VCPUS when it creates the VM)."""
+    from .boot.mptable import MAX_VCPUS as MPTABLE_MAX
+
+    cap = host_profile().max_vcpus
+    return min(MPTABLE_MAX, cap) if cap else MPTABLE_MAX
+
+
 MIN_MEM_MIB = 32
 MAX_MEM_MIB = 64 * 1024
 
@@ -124,8 +135,10 @@ class VmConfig:
                 f"--mem {self.mem_mib}: guest memory must be between {MIN_MEM_MIB} and "
                 f"{MAX_MEM_MIB} MiB"
             )
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise ConfigError(f"--vcpus {self.vcpus}: must be between 1 and {MAX_VCPUS}")
+        limit = max_vcpus()
+        if not 1 <= self.vcpus <= limit:
+            why = f" ({host_profile().description})" if host_profile().max_vcpus else ""
+            raise ConfigError(f"--vcpus {self.vcpus}: must be between 1 and {limit}{why}")
         for label, p in (("--kernel", self.kernel), ("--initrd", self.initrd)):
             if p is not None:
                 check_readable_file(p, label)

@@ -326,6 +326,7 @@ KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, MpState)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, MpState)
 KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)
 
 # -- capabilities (KVM_CHECK_EXTENSION) ---------------------------------------------------------
 

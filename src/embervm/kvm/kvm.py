@@ -544,6 +544,16 @@ class Vcpu:
         """KVM_GET_TSC_KHZ: the guest TSC frequency (what Linux's tsc_early_khz= wants)."""
         return _call(self.fd, k.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
+    def kvmclock_ctrl(self) -> bool:
+        """KVM_KVMCLOCK_CTRL: tell a kvmclock guest that it was paused (so its watchdogs do
+        not report soft lockups).  False when the guest has no kvmclock (EINVAL): nothing to
+        tell."""
+        try:
+            _call(self.fd, k.KVM_KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
+        except KvmError:
+            return False
+        return True
+
     def get_lapic(self) -> k.LapicState:
         lapic = k.LapicState()
         _call(self.fd, k.KVM_GET_LAPIC, ctypes.byref(lapic), "KVM_GET_LAPIC")

@@ -221,6 +221,24 @@ class VirtioDevice:
     def on_activate(self) -> None:
         """Hook: start using the queues (register back-end fds, ...)."""
 
+    # -- what the device manager asks of every device (defaults: nothing to do) -----------------
+
+    def control_commands(self) -> dict[str, Callable[[list[str]], dict]]:
+        """Commands this device offers on the control socket, by name."""
+        return {}
+
+    def quiesce(self, timeout: float) -> bool:
+        """Wait until no request is in flight outside the event loop (worker threads); return
+        False if some still are after ``timeout`` seconds.  Devices that do all their work on
+        the event loop have nothing to wait for."""
+        return True
+
+    def terminal_resized(self) -> None:
+        """Hook: the host terminal changed size (SIGWINCH); a stdio console tells the guest."""
+
+    def close(self) -> None:
+        """Release the back-end (files, sockets, TAPs) when the VM is gone."""
+
     def on_reset(self) -> None:
         """Hook: stop all work and drop per-activation state."""
 
