@@ -412,7 +412,8 @@ class Vcpu:
     :meth:`kick` (and the ``immediate_exit`` property) may be used from any thread.
     """
 
-    __slots__ = ("fd", "index", "run_mmap", "_thread", "_u8", "_u32", "_u64", "_kick_lock")
+    __slots__ = ("fd", "index", "run_mmap", "_thread", "_u8", "_u32", "_u64", "_kick_lock",
+                 "exit_counts")
 
     def __init__(self, fd: int, index: int, mmap_size: int) -> None:
         self.fd = fd
@@ -427,6 +428,8 @@ class Vcpu:
         # The thread that calls run(): recorded by attach_thread() or by the first run().
         self._thread: threading.Thread | None = None
         self._kick_lock = threading.Lock()
+        #: exits served by :meth:`serve`: [io_in, io_out, mmio_read, mmio_write]
+        self.exit_counts = [0, 0, 0, 0]
 
     # -- registers --------------------------------------------------------------------------
 
@@ -633,6 +636,8 @@ class Vcpu:
         u64 = self._u64
         from_bytes = int.from_bytes
         interrupted = _RUN_INTERRUPTED
+        # Exit counts for the metrics (Firecracker's vcpu group): one list store per exit.
+        counts = self.exit_counts
         while True:
             try:
                 ioctl(fd, req)
@@ -652,11 +657,14 @@ class Vcpu:
                 off = u32[10]
                 if head & 0xFF00 == 0x100 and u32[9] == 1:  # one byte: the common case
                     if head & 1:  # KVM_EXIT_IO_OUT
+                        counts[1] += 1
                         pio_write(head >> 16, 1, page[off])
                     else:
+                        counts[0] += 1
                         page[off] = pio_read(head >> 16, 1) & 0xFF
                     continue
                 out, size, port, count = head & 1, head >> 8 & 0xFF, head >> 16, u32[9]
+                counts[out] += 1
                 # Wider accesses, and string I/O (``rep outsb``: count items of size bytes).
                 # KVM bounds count * size by the data area, the rest of the kvm_run mapping.
                 mask = _MASKS[size if size <= 8 else 8]
@@ -669,8 +677,10 @@ class Vcpu:
             elif reason == KVM_EXIT_MMIO:
                 # kvm_run.mmio: u64 phys_addr | u8 data[8] | u32 len | u8 is_write
                 if page[52]:
+                    counts[3] += 1
                     mmio_write(u64[4], u32[12], u64[5])
                 else:
+                    counts[2] += 1
                     # kvm_run.mmio.data is 8 bytes: KVM never asks for more.
                     u64[5] = mmio_read(u64[4], u32[12]) & 0xFFFF_FFFF_FFFF_FFFF
             else:
