@@ -216,3 +216,43 @@ def test_corrupted_elf_gives_a_sound_load_plan_or_config_error_only(
         return
     assert any(s.paddr <= kernel.entry < s.paddr + s.filesz for s in kernel.segments)
     assert all(s.filesz <= s.memsz for s in kernel.segments)
+
+
+def test_load_plan_is_parsed_once_then_read_from_the_cache(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    from embervm.boot import elf
+
+    data = make_elf(pvh_note(LOAD_PADDR))
+    p = tmp_path / "vmlinux"
+    p.write_bytes(data)
+    cache = tmp_path / "cache"
+    with open(p, "rb") as f:
+        first = elf.cached_pvh_plan(f, "vmlinux", cache)
+    assert first.entry == LOAD_PADDR and first.segments
+    assert len(list((cache / "elf-plans").iterdir())) == 1
+    # The second start must not need pyelftools at all.
+    monkeypatch.setattr(elf, "parse_pvh_elf", lambda *a: pytest.fail("parsed again"))
+    monkeypatch.setitem(sys.modules, "elftools.elf.elffile", None)
+    with open(p, "rb") as f:
+        assert elf.cached_pvh_plan(f, "vmlinux", cache) == first
+
+
+def test_a_changed_kernel_or_a_corrupt_cache_entry_is_parsed_again(tmp_path: Path) -> None:
+    from embervm.boot import elf
+
+    p = tmp_path / "vmlinux"
+    p.write_bytes(make_elf(pvh_note(LOAD_PADDR)))
+    cache = tmp_path / "cache"
+    with open(p, "rb") as f:
+        plan = elf.cached_pvh_plan(f, "vmlinux", cache)
+    (entry_file,) = (cache / "elf-plans").iterdir()
+    entry_file.write_text('{"version": 1, "entry": "x"')  # truncated JSON
+    with open(p, "rb") as f:
+        assert elf.cached_pvh_plan(f, "vmlinux", cache) == plan
+    # A new file (another inode, size or mtime) is another key: never a stale plan.
+    data = make_elf(pvh_note(LOAD_PADDR + 0x40))
+    p.unlink()
+    p.write_bytes(data)
+    with open(p, "rb") as f:
+        assert elf.cached_pvh_plan(f, "vmlinux", cache).entry == LOAD_PADDR + 0x40

@@ -8,18 +8,22 @@ the boot CPU there in 32-bit protected mode with %ebx pointing at a struct hvm_s
 
 This module only *parses*: it returns a load plan (:class:`LoadSegment` list plus the entry);
 ``setup.py`` checks the plan against guest memory and copies the bytes.
+
+Start-up time: importing pyelftools costs ~30 ms, a third of the VMM's start.  So a kernel's
+plan is parsed by pyelftools once and kept in a small JSON file in the image cache
+(:func:`cached_pvh_plan`), keyed by the file's identity (device, inode, size, mtime); later
+starts read that instead and do not import pyelftools at all.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
-
-from elftools.common.exceptions import ELFError
-from elftools.construct.core import ConstructError
-from elftools.elf.elffile import ELFFile
 
 from ..errors import ConfigError
 
@@ -101,6 +105,10 @@ def parse_pvh_elf(stream: BinaryIO, name: str = "kernel") -> ElfKernel:
     ``name`` is used in error messages (the path the user gave).  Raises :class:`ConfigError`
     for a malformed ELF, a non-x86 ELF, segments outside the file, or a missing PVH note.
     """
+    from elftools.common.exceptions import ELFError
+    from elftools.construct.core import ConstructError
+    from elftools.elf.elffile import ELFFile
+
     stream.seek(0, 2)
     file_size = stream.tell()
     stream.seek(0)
@@ -141,3 +149,40 @@ def parse_pvh_elf(stream: BinaryIO, name: str = "kernel") -> ElfKernel:
     if not any(s.paddr <= entry < s.paddr + s.filesz for s in loads):
         raise ConfigError(f"{name}: PVH entry point {entry:#x} is not inside a loaded segment")
     return ElfKernel(entry, tuple(loads))
+
+
+PLAN_CACHE_VERSION = 1
+
+
+def _plan_cache_path(st: os.stat_result, cache_dir: Path) -> Path:
+    key = f"{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+    return cache_dir / "elf-plans" / f"{key}.json"
+
+
+def cached_pvh_plan(stream: BinaryIO, name: str, cache_dir: Path | None) -> ElfKernel:
+    """:func:`parse_pvh_elf`, remembered per file in ``cache_dir`` (None: no cache).
+
+    A cache entry that is unreadable or malformed is ignored and rewritten; a cache that
+    cannot be written (read-only home, full disk) only costs the parse next time.
+    """
+    if cache_dir is None:
+        return parse_pvh_elf(stream, name)
+    path = _plan_cache_path(os.fstat(stream.fileno()), cache_dir)
+    try:
+        doc = json.loads(path.read_bytes())
+        if doc["version"] == PLAN_CACHE_VERSION:
+            return ElfKernel(int(doc["entry"]), tuple(
+                LoadSegment(int(a), int(b), int(c), int(d)) for a, b, c, d in doc["segments"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    plan = parse_pvh_elf(stream, name)
+    doc = {"version": PLAN_CACHE_VERSION, "entry": plan.entry,
+           "segments": [[s.paddr, s.offset, s.filesz, s.memsz] for s in plan.segments]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return plan

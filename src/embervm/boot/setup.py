@@ -287,11 +287,21 @@ class _KernelPlan:
     header: bz.SetupHeader | None  # bzImage only
 
 
+def _plan_cache_dir():
+    """Where parsed vmlinux load plans are kept (the embedded images' cache), or None when
+    EMBERVM_NO_PLAN_CACHE is set."""
+    if os.environ.get("EMBERVM_NO_PLAN_CACHE"):
+        return None
+    from ..images import cache_dir
+
+    return cache_dir()
+
+
 def _plan_kernel(f: BinaryIO, name: str, cmd: bytes) -> _KernelPlan:
     """Detect the format by content, parse it and check the command line against its limit."""
     head = os.pread(f.fileno(), bz.BZIMAGE_HEAD_SIZE, 0)
     if head.startswith(elf.ELF_MAGIC):
-        image = elf.parse_pvh_elf(f, name)
+        image = elf.cached_pvh_plan(f, name, _plan_cache_dir())
         _check_cmdline(cmd, PVH_CMDLINE_MAX - 1, "the PVH boot ABI (COMMAND_LINE_SIZE)")
         return _KernelPlan(
             "pvh", image.segments, image.entry, image.kernel_range, INITRD_MAX_END_32BIT, None
