@@ -4,18 +4,17 @@ They are the guest kit's prebuilt files (``guest/`` holds the recipe; ``make gue
 them), stored compressed.  The guest must get them *uncompressed*: decompression inside the guest
 runs emulated on this project's PVM host and costs tens of seconds, on the host it costs well under
 a second.  Decompressed copies are cached under ``$XDG_CACHE_HOME/embervm`` (or ``~/.cache``),
-named by a checksum of the compressed file, and written atomically.  The checksum is CRC-32
-(zlib is loaded anyway for gzip): ``import hashlib`` would map OpenSSL's libcrypto into the VMM
-for one hash, +3.8 MiB of RSS (docs/PERFORMANCE.md).
+named by the compressed file's SHA-256 from the package's ``SHA256SUMS`` (written by
+``make guest``), and written atomically.  So a start reads one small text file, not the
+compressed image, and imports no compression module unless it has to decompress; and no hash
+is computed at run time (``import hashlib`` would map OpenSSL's libcrypto into the VMM for one
+hash, +3.8 MiB of RSS, docs/PERFORMANCE.md).  An image missing from SHA256SUMS (a hand-made
+package) is keyed by a CRC-32 of its content instead.
 """
 
 from __future__ import annotations
 
-import gzip
-import lzma
 import os
-import tempfile
-import zlib
 from pathlib import Path
 
 from .errors import ConfigError
@@ -46,11 +45,19 @@ def image(name: str) -> Path:
         raise ConfigError(f"unknown embedded image {name!r}; known: {', '.join(IMAGES)}") from None
     if not src.is_file():
         raise ConfigError(f"embedded image {src} is missing: reinstall embervm or run make guest")
-    data = src.read_bytes()
-    digest = f"{zlib.crc32(data):08x}{len(data):x}"
-    out = cache_dir() / f"{name}-{digest}"
+    digest = _checksums().get(src.name)
+    if digest is None:
+        import zlib
+
+        data = src.read_bytes()
+        digest = f"{zlib.crc32(data):08x}{len(data):x}"
+    out = cache_dir() / f"{name}-{digest[:24]}"
     if out.is_file():
         return out
+    import gzip
+    import lzma
+    import tempfile
+
     opener = lzma.open if src.suffix == ".xz" else gzip.open
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{name}.")
@@ -63,6 +70,20 @@ def image(name: str) -> Path:
         os.unlink(tmp)
         raise
     return out
+
+
+def _checksums() -> dict[str, str]:
+    """file name -> SHA-256 hex, from the package's SHA256SUMS ({} if it is missing)."""
+    try:
+        text = (DATA_DIR / "SHA256SUMS").read_text()
+    except OSError:
+        return {}
+    sums = {}
+    for line in text.splitlines():
+        digest, _, fname = line.partition("  ")
+        if len(digest) == 64 and fname:
+            sums[fname.strip()] = digest
+    return sums
 
 
 def default_kernel() -> Path:
