@@ -174,7 +174,16 @@ class DescriptorChain:
     descriptors are left out, and every segment is known to lie inside one guest-RAM region.
     """
 
-    __slots__ = ("head", "ndesc", "readable", "writable", "readable_len", "writable_len", "mem")
+    __slots__ = (
+        "head",
+        "ndesc",
+        "readable",
+        "writable",
+        "readable_len",
+        "writable_len",
+        "mem",
+        "pos",
+    )
 
     def __init__(
         self,
@@ -185,12 +194,18 @@ class DescriptorChain:
         writable: list[tuple[int, int]],
         readable_len: int,
         writable_len: int,
+        pos: int = -1,
     ) -> None:
         self.mem = mem
         #: split: head descriptor index; packed: buffer id (the id of the chain's last descriptor)
         self.head = head
         #: ring descriptors the chain occupies (an indirect table counts as its one descriptor)
         self.ndesc = ndesc
+        #: where :meth:`Virtqueue.pop` found the chain, so :meth:`Virtqueue.undo_pop` can put it
+        #: back: split, the avail index (u16) it was taken from; packed, its first slot and the
+        #: wrap counter there as ``slot | wrap << 15``.  -1: not poppable back (error stubs,
+        #: chains built by hand).
+        self.pos = pos
         self.readable = readable
         self.writable = writable
         self.readable_len = readable_len
@@ -452,6 +467,18 @@ class Virtqueue(ABC):
         """
 
     @abstractmethod
+    def undo_pop(self, chain: DescriptorChain) -> None:
+        """Put back ``chain``, the chain the last :meth:`pop` returned, as if it was never
+        taken: the next :meth:`pop` reads it again from the ring.
+
+        For a device that took a request it cannot serve yet (a rate limiter said no): the
+        driver still owns the buffers, nothing was written to the used ring.  Only the most
+        recent pop can be undone, and only once; anything else (an older chain, a chain from
+        another queue, a :class:`ChainError` stub, which was consumed) is a device bug and
+        raises ValueError without changing the queue.
+        """
+
+    @abstractmethod
     def add_used(self, chain: DescriptorChain, written: int) -> None:
         """Return ``chain`` to the driver with ``used.len = written``.
 
@@ -560,7 +587,18 @@ class SplitQueue(Virtqueue):
         head = _U16.unpack_from(self._avail_mm, self._ring_off + 2 * (last & self._mask))[0]
         # Consume the entry before walking: an invalid chain is skipped, not retried forever.
         self._last_avail = (last + 1) & 0xFFFF
-        return self._walk(head)
+        chain = self._walk(head)
+        chain.pos = last
+        return chain
+
+    def undo_pop(self, chain: DescriptorChain) -> None:
+        pos = chain.pos
+        if pos < 0 or chain.mem is not self.mem or (pos + 1) & 0xFFFF != self._last_avail:
+            raise ValueError(
+                f"queue {self.index}: undo_pop of chain {chain.head} (avail index {pos}), "
+                f"but the last pop ended at {self._last_avail}"
+            )
+        self._last_avail = pos
 
     def _walk(self, head: int) -> DescriptorChain:
         size = self.size
@@ -801,6 +839,7 @@ class PackedQueue(Virtqueue):
                 )
             addr, ln, bid, flags = unpack(desc_mm, desc_off + 16 * slot)
         # The buffer id is the one of the chain's last descriptor (§2.8.6).
+        start = self._next_avail | self._avail_wrap << 15
         self._next_avail = slot
         self._avail_wrap = wrap
         if error is None and rlen + wlen > MAX_CHAIN_BYTES:
@@ -808,7 +847,25 @@ class PackedQueue(Virtqueue):
         if error is not None:
             stub = DescriptorChain(self.mem, bid, ndesc, [], [], 0, 0)
             raise ChainError(f"queue {self.index}: buffer {bid}: {error}", stub)
-        return DescriptorChain(self.mem, bid, ndesc, readable, writable, rlen, wlen)
+        return DescriptorChain(self.mem, bid, ndesc, readable, writable, rlen, wlen, start)
+
+    def undo_pop(self, chain: DescriptorChain) -> None:
+        pos = chain.pos
+        if pos >= 0 and chain.mem is self.mem:
+            # The chain's end must be where the queue is now: it was the last one popped.
+            slot = (pos & 0x7FFF) + chain.ndesc
+            wrap = pos >> 15
+            if slot >= self.size:
+                slot -= self.size
+                wrap ^= 1
+            if slot == self._next_avail and wrap == self._avail_wrap and chain.ndesc <= self.size:
+                self._next_avail = pos & 0x7FFF
+                self._avail_wrap = pos >> 15
+                return
+        raise ValueError(
+            f"queue {self.index}: undo_pop of buffer {chain.head} (slot/wrap {pos:#x}, "
+            f"{chain.ndesc} descriptors), but the last pop ended at {self.next_avail:#x}"
+        )
 
     def _indirect(
         self,
