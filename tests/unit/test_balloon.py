@@ -294,6 +294,101 @@ def test_stats_buffer_values_are_kept_by_tag_name(guest):
 def test_unknown_stat_tags_are_kept_under_a_numbered_name(guest):
     guest.send(STATS, stats((4, 1), (999, 2)))
     assert guest.dev.status()["stats"] == {"free_memory": 1, "tag_999": 2}
+    assert guest.dev.metrics["stats_update_fails"] == 1  # Firecracker's count of unknown tags
+
+
+# -- Firecracker's GET /balloon/statistics body and metrics -----------------------------------
+
+FC_STAT_FIELDS = ("swap_in", "swap_out", "major_faults", "minor_faults", "free_memory",
+                  "total_memory", "available_memory", "disk_caches", "hugetlb_allocations",
+                  "hugetlb_failures", "oom_kill", "alloc_stall", "async_scan", "direct_scan",
+                  "async_reclaim", "direct_reclaim")
+
+
+def _swagger_balloon_stats() -> dict:
+    """Firecracker's swagger ``BalloonStats`` (the project's copy, or the release source)."""
+    import pathlib
+
+    import yaml
+
+    here = pathlib.Path(__file__).resolve().parent
+    for path in (here.parent / "data" / "firecracker-v1.16.1.yaml",
+                 pathlib.Path("/tmp/fc/src/firecracker/swagger/firecracker.yaml")):
+        if path.is_file():
+            return yaml.safe_load(path.read_text())["definitions"]["BalloonStats"]
+    pytest.skip("Firecracker's swagger file is not available")
+
+
+def test_fc_stats_has_sizes_and_only_the_statistics_the_guest_sent():
+    g = Guest(2, stats_seconds=1)
+    g.transport.write(spec.CONFIG + 4, 4, 256)  # the driver reports 1 MiB ballooned
+    g.send(STATS, stats((5, 200 * MIB), (0, 7), (4, 100 * MIB), (999, 1)))
+    assert g.dev.fc_stats() == {
+        "target_pages": 512, "actual_pages": 256, "target_mib": 2, "actual_mib": 1,
+        "swap_in": 7, "free_memory": 100 * MIB, "total_memory": 200 * MIB,
+    }
+    # Firecracker's field order, whatever order the driver sent the tags in.
+    assert list(g.dev.fc_stats())[4:] == ["swap_in", "free_memory", "total_memory"]
+
+
+def test_fc_stats_keeps_a_statistic_until_the_guest_sends_it_again():
+    g = Guest(stats_seconds=1)
+    g.send(STATS, stats((2, 1), (3, 2)))
+    assert g.dev.request_stats()
+    g.send(STATS, stats((3, 5), (15, 9)))
+    body = g.dev.fc_stats()
+    assert (body["major_faults"], body["minor_faults"], body["direct_reclaim"]) == (1, 5, 9)
+
+
+def _all_tags_body() -> dict:
+    g = Guest(stats_seconds=1)
+    g.send(STATS, stats(*((tag, 1000 + tag) for tag in range(16))))
+    return g.dev.fc_stats()
+
+
+def test_fc_stats_names_every_tag_as_firecracker_does():
+    body = _all_tags_body()
+    assert list(body)[4:] == list(FC_STAT_FIELDS)
+    assert [body[name] for name in FC_STAT_FIELDS] == [1000 + tag for tag in range(16)]
+
+
+def test_fc_stats_with_every_tag_matches_the_swagger_schema_exactly():
+    schema = _swagger_balloon_stats()
+    body = _all_tags_body()
+    assert set(body) == set(schema["properties"])
+    assert set(schema["required"]) <= set(body)
+    import jsonschema
+
+    jsonschema.validate(body, schema)
+
+
+def test_fc_stats_with_statistics_off_is_firecrackers_error(guest):
+    with pytest.raises(ValueError, match=r"^Received stats query when stats are disabled\.$"):
+        guest.dev.fc_stats()
+
+
+def test_firecracker_metric_names_count_queue_events():
+    g = Guest(stats_seconds=1)
+    m = g.dev.metrics
+    names = ("inflate_count", "deflate_count", "stats_updates_count")
+    before = [m[k] for k in names]  # the DRIVER_OK scan is a pass over each queue too
+    g.send(INFLATE, pfns(DATA_PFN, DATA_PFN + 1))
+    g.send(INFLATE, pfns(DATA_PFN + 2))
+    g.send(DEFLATE, pfns(DATA_PFN))
+    g.send(STATS, stats((4, 1)))
+    assert [m[k] - b for k, b in zip(names, before, strict=True)] == [2, 1, 1]
+    assert m["inflated_pages"] == 3
+    assert m["activate_fails"] == 0 and m["event_fails"] == 0 and m["stats_update_fails"] == 0
+
+
+def test_a_broken_ring_counts_an_event_failure(guest):
+    guest.drv.submit(INFLATE, readable=[pfns(DATA_PFN)], kick=False)
+    # Scribble an avail index far ahead of what the ring holds: the device must give up.
+    ring = guest.drv.rings[INFLATE]
+    guest.mem.write_u16(ring.driver_addr + 2, 0x8000)
+    guest.drv.kick(INFLATE)
+    assert guest.dev.metrics["event_fails"] == 1
+    assert guest.drv.status() & spec.STATUS_DEVICE_NEEDS_RESET
 
 
 def test_request_stats_returns_the_buffer_and_the_refill_updates_the_values(guest):
@@ -361,22 +456,36 @@ def test_no_stats_request_reaches_the_guest_after_a_reset():
         loop.close()
 
 
-def test_stats_interval_can_be_changed_at_run_time():
+def test_stats_interval_can_be_changed_at_run_time_and_asks_for_fresh_values_at_once():
     loop = EventLoop()
     try:
-        g = Guest(loop=loop)  # stats_seconds=0: only the probe-time values
+        g = Guest(loop=loop, stats_seconds=3600)
         g.send(STATS, stats((4, 1)))
         for _ in range(3):
             loop.run_once(0.05)
         assert g.drv.used(STATS) == []
         reply = g.dev.control_commands()["balloon"](["stats", "1"])
         assert reply["stats_seconds"] == 1
+        # Firecracker returns the held buffer on a change (a fresh update right away) ...
+        assert [length for _tok, length, _ in g.drv.used(STATS)] == [0]
+        g.send(STATS, stats((4, 2)))
+        # ... and the new interval drives the timer from then on.
         deadline = time.monotonic() + 5
         while not g.drv.used(STATS):
-            assert time.monotonic() < deadline, "no stats request after enabling the timer"
+            assert time.monotonic() < deadline, "no stats request at the new interval"
             loop.run_once(0.1)
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize(("before", "after"), [(0, 1), (5, 0)])
+def test_stats_cannot_be_switched_on_or_off_after_creation_as_on_firecracker(before, after):
+    g = Guest(stats_seconds=before)
+    with pytest.raises(ValueError, match=r"^Statistics cannot be enabled/disabled after "
+                                         r"activation\.$"):
+        g.dev.set_stats_interval(after)
+    assert g.dev.stats_seconds == before
+    g.dev.set_stats_interval(before)  # no change is no error
 
 
 def test_stopping_the_stats_queue_drops_the_held_buffer(guest):

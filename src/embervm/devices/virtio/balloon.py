@@ -32,7 +32,15 @@ counted and ignored; a structurally invalid chain (bad address, loop) is a
 :class:`~embervm.errors.QueueError` and makes the device set DEVICE_NEEDS_RESET (base class).
 
 Host control (:meth:`Balloon.control_commands`, served by :mod:`embervm.control`):
-``balloon set MIB``, ``balloon status``, ``balloon stats SECONDS``.
+``balloon set MIB``, ``balloon status``, ``balloon stats SECONDS``.  Firecracker's view:
+:meth:`Balloon.fc_stats` is the body of ``GET /balloon/statistics``, and the statistics interval
+follows Firecracker's rule (it may change, but not between 0 and non-zero once the device
+exists: :meth:`Balloon.set_stats_interval`).
+
+Metrics: Firecracker's ``balloon`` group names (``activate_fails``, ``inflate_count``,
+``deflate_count``, ``stats_updates_count``, ``stats_update_fails``, ``event_fails``; the free
+page hinting/reporting counters are left out, those features are not offered) next to embervm's
+page-level counters (``inflated_pages``, ``bad_pfns``, ...).
 
 Threads: queue work and the stats timer run on the event-loop thread, control commands too;
 activation and reset arrive from vCPU threads.  All state is guarded by ``self.lock``; timer
@@ -90,14 +98,20 @@ STAT_NAMES: dict[int, str] = {
     VIRTIO_BALLOON_S_CACHES: "disk_caches",
     VIRTIO_BALLOON_S_HTLB_PGALLOC: "hugetlb_allocations",
     VIRTIO_BALLOON_S_HTLB_PGFAIL: "hugetlb_failures",
-    # Linux 6.12+ (include/uapi/linux/virtio_balloon.h)
-    10: "oom_kills",
-    11: "alloc_stalls",
-    12: "async_scans",
-    13: "direct_scans",
-    14: "async_reclaims",
-    15: "direct_reclaims",
+    # Linux 6.12+ (include/uapi/linux/virtio_balloon.h); Firecracker's BalloonStats names
+    10: "oom_kill",
+    11: "alloc_stall",
+    12: "async_scan",
+    13: "direct_scan",
+    14: "async_reclaim",
+    15: "direct_reclaim",
 }
+#: Firecracker's message when the statistics interval would change between 0 and non-zero
+#: (BalloonError::StatisticsStateChange).
+STATS_STATE_CHANGE = "Statistics cannot be enabled/disabled after activation."
+#: Firecracker's message for a statistics query with statistics off (StatisticsDisabled).
+STATS_DISABLED = "Received stats query when stats are disabled."
+
 #: One statistic: le16 tag, le64 val, packed (10 bytes; §5.5.6.3 ``struct virtio_balloon_stat``).
 STAT_SIZE = 10
 
@@ -182,6 +196,9 @@ class Balloon(VirtioDevice):
         self.set_config("num_pages", target_mib * PAGES_PER_MIB, notify=False)
         #: the last statistics the driver sent, by tag (values as sent: bytes or counts)
         self.stats: dict[int, int] = {}
+        #: every known statistic's latest value, by Firecracker's name: like Firecracker's
+        #: BalloonStats, a tag keeps its value until the driver sends it again
+        self.latest_stats: dict[str, int] = {}
         self.stats_time: float | None = None  # time.monotonic() of the last stats buffer
         #: guest RAM size, learnt at the first activation (bounds ``balloon set``)
         self.guest_bytes: int | None = None
@@ -198,6 +215,15 @@ class Balloon(VirtioDevice):
             "malformed": 0,        # trailing bytes, writable parts, stats on the wrong queue
             "stats_updates": 0,    # stats buffers received
             "stats_requests": 0,   # stats buffers returned to ask for fresh values
+            # Firecracker's names.  activate_fails stays 0: activation here cannot fail (the
+            # transport validates the queues before it activates the device).
+            "activate_fails": 0,
+            # passes over a queue (a kick, or the scan at DRIVER_OK), as Firecracker counts them
+            "inflate_count": 0,
+            "deflate_count": 0,
+            "stats_updates_count": 0,
+            "stats_update_fails": 0,   # statistics with a tag Firecracker does not know
+            "event_fails": 0,          # queue errors that made the device need a reset
         })
 
     # -- configuration ------------------------------------------------------------------------
@@ -278,10 +304,13 @@ class Balloon(VirtioDevice):
     def process_queue(self, index: int, queue: Virtqueue) -> None:
         role = self._roles[index] if index < len(self._roles) else None
         if role == "inflate":
+            self.metrics["inflate_count"] += 1
             self.drain(queue, self._inflate)
         elif role == "deflate":
+            self.metrics["deflate_count"] += 1
             self.drain(queue, self._deflate)
         elif role == "stats":
+            self.metrics["stats_updates_count"] += 1
             self._receive_stats(queue)
         else:
             # A queue the negotiated features do not create (e.g. index 2 without STATS_VQ):
@@ -406,6 +435,13 @@ class Balloon(VirtioDevice):
         for k in range(0, len(data), STAT_SIZE):
             stats[int.from_bytes(data[k : k + 2], "little")] = int.from_bytes(
                 data[k + 2 : k + STAT_SIZE], "little")
+        latest = self.latest_stats
+        for tag, value in stats.items():
+            name = STAT_NAMES.get(tag)
+            if name is None:
+                self.metrics["stats_update_fails"] += 1  # Firecracker's count of unknown tags
+            else:
+                latest[name] = value
         self.stats = stats
         self.stats_time = time.monotonic()
         self.metrics["stats_updates"] += 1
@@ -427,11 +463,22 @@ class Balloon(VirtioDevice):
             return True
 
     def set_stats_interval(self, seconds: int) -> None:
-        """Change how often fresh statistics are requested (0: never).  Loop thread only."""
+        """Change how often fresh statistics are requested.  Loop thread only.
+
+        Firecracker's rule (``update_stats_polling_interval``): the interval may change, but
+        statistics cannot be switched on (0 → n) or off (n → 0) once the device exists;
+        ValueError with Firecracker's message.  A change asks the driver for fresh values at
+        once (the held buffer is returned) and restarts the timer.
+        """
         if seconds < 0:
             raise ValueError(f"stats interval {seconds} s is negative")
         with self.lock:
+            if seconds == self.stats_seconds:
+                return
+            if seconds == 0 or self.stats_seconds == 0:
+                raise ValueError(STATS_STATE_CHANGE)
             self.stats_seconds = seconds
+            self.request_stats()
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -461,7 +508,36 @@ class Balloon(VirtioDevice):
                 return
             self._start_stats_timer(epoch)
 
+    def fail(self, reason: str) -> None:
+        self.metrics["event_fails"] += 1
+        super().fail(reason)
+
     # -- host control -----------------------------------------------------------------------------
+
+    def fc_stats(self) -> dict[str, int]:
+        """The body of Firecracker's ``GET /balloon/statistics`` (swagger ``BalloonStats``):
+        target and actual size in pages and MiB, then every statistic the driver has sent under
+        Firecracker's names; those it never sent are absent, as in Firecracker.
+
+        ValueError (Firecracker's message) when statistics are off (interval 0).
+        """
+        with self.lock:
+            if self.stats_seconds == 0:
+                raise ValueError(STATS_DISABLED)
+            target = self.target_pages
+            actual = self.actual_pages
+            body = {
+                "target_pages": target,
+                "actual_pages": actual,
+                "target_mib": target // PAGES_PER_MIB,
+                "actual_mib": actual // PAGES_PER_MIB,
+            }
+            # Firecracker's field order (tag order) whatever order the driver sent them in.
+            for name in STAT_NAMES.values():
+                if name in self.latest_stats:
+                    body[name] = self.latest_stats[name]
+            return body
+
 
     def status(self) -> dict[str, Any]:
         """What ``balloon status`` reports (JSON-able)."""
