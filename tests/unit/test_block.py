@@ -122,7 +122,7 @@ def disks():
 
 
 def test_probe_negotiates_block_features_and_transport_bits(image, disks):
-    d = disks(image[0], ring="packed")
+    d = disks(image[0], ring="packed", cache_type="Writeback")
     assert d.drv.device_id == spec.VIRTIO_ID_BLOCK
     for bit in (
         VIRTIO_BLK_F_SEG_MAX,
@@ -239,7 +239,7 @@ def test_read_of_a_random_1mib_region_equals_the_file(image, disks):
     assert (status, length) == (VIRTIO_BLK_S_OK, (1 << 20) + 1)
     assert b"".join(bufs[:-1]) == original[sector * 512 : sector * 512 + (1 << 20)]
     assert d.blk.metrics["read_bytes"] == 1 << 20
-    assert d.blk.metrics["read_ops"] == 1
+    assert d.blk.metrics["read_count"] == 1
 
 
 def test_first_and_last_sector_are_readable_and_writable(image, disks):
@@ -307,20 +307,22 @@ def synced(monkeypatch):
 
 def test_flush_syncs_the_image_and_written_data_is_in_the_file(image, disks, synced):
     path, _ = image
-    d = disks(path)
+    d = disks(path, cache_type="Writeback")
     assert d.write(16, b"\x77" * 4096) == VIRTIO_BLK_S_OK
     assert synced == []  # FLUSH negotiated: writes are volatile until FLUSH
     length, _bufs, status = d.request([hdr(VIRTIO_BLK_T_FLUSH)], [1])
     assert (status, length) == (VIRTIO_BLK_S_OK, 1)
     assert synced == [d.blk._fd]
-    assert d.blk.metrics["flushes"] == 1
+    assert d.blk.metrics["flush_count"] == 1
     with open(path, "rb") as f:
         f.seek(16 * 512)
         assert f.read(4096) == b"\x77" * 4096
 
 
 def test_writes_are_synced_before_completion_when_flush_is_not_negotiated(image, disks, synced):
-    d = disks(image[0], accept=RINGS["split"] & ~spec.bit(VIRTIO_BLK_F_FLUSH))
+    d = disks(
+        image[0], accept=RINGS["split"] & ~spec.bit(VIRTIO_BLK_F_FLUSH), cache_type="Writeback"
+    )
     assert not d.features >> VIRTIO_BLK_F_FLUSH & 1
     assert d.write(0, b"\x01" * 512) == VIRTIO_BLK_S_OK
     # §5.2.6.2: FLUSH offered but not negotiated → a completed write must be stable.
@@ -595,12 +597,13 @@ def test_unknown_or_unoffered_request_types_are_unsupp(image, disks, rtype):
 # -- read-only disks ------------------------------------------------------------------------------
 
 
-def test_read_only_disk_offers_ro_and_no_discard(image, disks):
-    d = disks(image[0], read_only=True)
+@pytest.mark.parametrize("cache_type", ["Unsafe", "Writeback"])
+def test_read_only_disk_offers_ro_and_no_discard(image, disks, cache_type):
+    d = disks(image[0], read_only=True, cache_type=cache_type)
     assert d.features >> VIRTIO_BLK_F_RO & 1
     assert not d.features >> VIRTIO_BLK_F_DISCARD & 1
     assert not d.features >> VIRTIO_BLK_F_WRITE_ZEROES & 1
-    assert d.features >> VIRTIO_BLK_F_FLUSH & 1
+    assert d.features >> VIRTIO_BLK_F_FLUSH & 1 == (cache_type == "Writeback")
 
 
 def test_read_only_disk_rejects_every_write_with_ioerr_and_keeps_the_file(image, disks):
@@ -614,7 +617,7 @@ def test_read_only_disk_rejects_every_write_with_ioerr_and_keeps_the_file(image,
     assert d.read(0, 512) == (VIRTIO_BLK_S_OK, original[:512])
     assert d.request([hdr(VIRTIO_BLK_T_FLUSH)], [1])[2] == VIRTIO_BLK_S_OK
     assert d.file() == original
-    assert d.blk.metrics["write_ops"] == 0
+    assert d.blk.metrics["write_count"] == 0
 
 
 def test_two_read_only_users_may_share_an_image_but_not_with_a_writer(image, disks):
@@ -729,6 +732,7 @@ def test_requests_after_close_fail_with_ioerr(image, disks):
 
 def test_metrics_count_operations_and_bytes(image, disks):
     d = disks(image[0])
+    kicks = d.blk.metrics["queue_event_count"]
     d.write(0, b"\x01" * 1024)
     d.read(0, 512)
     d.read(0, 2048)
@@ -737,11 +741,18 @@ def test_metrics_count_operations_and_bytes(image, disks):
     d.request([hdr(VIRTIO_BLK_T_WRITE_ZEROES), seg(0, 8)], [1])
     d.request([hdr(99)], [1])
     d.read(CAPACITY, 512)
+    d.drv.submit(0, readable=[hdr(VIRTIO_BLK_T_IN)], writable=[])  # no status byte at all
+    d.drv.used(0)
     m = d.blk.metrics
-    assert (m["write_ops"], m["write_bytes"]) == (1, 1024)
-    assert (m["read_ops"], m["read_bytes"]) == (2, 2560)
-    assert (m["flushes"], m["discard_ops"], m["write_zeroes_ops"]) == (1, 1, 1)
-    assert (m["unsupported"], m["io_errors"], m["invalid_requests"]) == (1, 1, 0)
+    # Firecracker's names (block/metrics.rs) ...
+    assert (m["write_count"], m["write_bytes"]) == (1, 1024)
+    assert (m["read_count"], m["read_bytes"]) == (2, 2560)
+    assert m["flush_count"] == 1
+    assert (m["invalid_reqs_count"], m["execute_fails"]) == (2, 1)  # IOERR + UNSUPP; no status
+    assert m["queue_event_count"] - kicks == 9
+    # ... and embervm's breakdown.
+    assert (m["discard_ops"], m["write_zeroes_ops"]) == (1, 1)
+    assert (m["unsupported"], m["io_errors"]) == (1, 1)
 
 
 # -- configuration errors -------------------------------------------------------------------------
@@ -843,3 +854,54 @@ def test_permission_denied_says_how_to_fix_it(image, monkeypatch):
     ):
         Block(path)
     Block(path, read_only=True).close()
+
+
+# -- Firecracker's cache_type ----------------------------------------------------------------------
+
+
+def test_unsafe_is_the_default_offers_no_flush_and_never_syncs_a_write(image, disks, synced):
+    d = disks(image[0], accept=DEVICE_BITS | LINUX_TRANSPORT_FEATURES)
+    assert d.blk.cache_type == "Unsafe"
+    assert not d.features >> VIRTIO_BLK_F_FLUSH & 1
+    assert d.write(0, b"\x01" * 512) == VIRTIO_BLK_S_OK
+    assert d.request([hdr(VIRTIO_BLK_T_WRITE_ZEROES), seg(0, 8)], [1])[2] == VIRTIO_BLK_S_OK
+    assert synced == []  # Unsafe: the host page cache keeps the writes, no write-through
+
+
+def test_unsafe_still_carries_out_a_flush_sent_without_the_feature(image, disks, synced):
+    # Firecracker executes a FLUSH whatever the cache type (request.rs: Flush -> file flush).
+    d = disks(image[0])
+    assert d.write(8, b"\x02" * 512) == VIRTIO_BLK_S_OK
+    length, _bufs, status = d.request([hdr(VIRTIO_BLK_T_FLUSH)], [1])
+    assert (status, length) == (VIRTIO_BLK_S_OK, 1)
+    assert synced == [d.blk._fd]
+    assert d.blk.metrics["flush_count"] == 1
+
+
+def test_writeback_offers_flush(image, disks):
+    d = disks(image[0], cache_type="Writeback")
+    assert d.features >> VIRTIO_BLK_F_FLUSH & 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"cache_type": "unsafe"}, "cache_type"),
+        ({"cache_type": "WriteThrough"}, "cache_type"),
+        ({"io_engine": "IoUring"}, "io_engine"),
+    ],
+)
+def test_unknown_drive_options_are_config_errors(image, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Block(image[0], **kw)
+    Block(image[0]).close()  # and the image was not left locked
+
+
+def test_config_space_writes_and_reads_past_the_end_count_cfg_fails(image, disks):
+    d = disks(image[0])
+    d.drv.write_config(0, 4, 1)  # capacity is read-only
+    assert d.blk.metrics["cfg_fails"] == 1
+    assert d.drv.read_config(0, 8) == CAPACITY
+    assert d.blk.metrics["cfg_fails"] == 1
+    assert d.drv.read_config(0x100, 4) == 0
+    assert d.blk.metrics["cfg_fails"] == 2
