@@ -7,6 +7,7 @@ ring; and checks both what the guest sees (status byte, used.len, data) and the 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import struct
@@ -905,3 +906,73 @@ def test_config_space_writes_and_reads_past_the_end_count_cfg_fails(image, disks
     assert d.blk.metrics["cfg_fails"] == 1
     assert d.drv.read_config(0x100, 4) == 0
     assert d.blk.metrics["cfg_fails"] == 2
+
+
+# -- update_path (Firecracker's PATCH /drives path_on_host) ----------------------------------------
+
+
+def test_update_path_swaps_the_image_and_announces_the_new_capacity(image, disks, tmp_path):
+    path, _original = image
+    d = disks(path)
+    new = tmp_path / "new.img"
+    new.write_bytes(b"\x44" * (DISK_SIZE * 2))
+    gen = d.drv.config_generation()
+    d.drv.interrupt()  # acknowledge anything pending
+    d.blk.update_path(new)
+    assert d.drv.interrupt() & spec.VIRTIO_MMIO_INT_CONFIG  # "capacity change"
+    assert d.drv.config_generation() != gen
+    assert d.drv.read_config(0, 8) == 2 * CAPACITY
+    assert d.read(2 * CAPACITY - 1, 512) == (VIRTIO_BLK_S_OK, b"\x44" * 512)
+    assert d.write(0, b"\x55" * 512) == VIRTIO_BLK_S_OK
+    assert new.read_bytes()[:512] == b"\x55" * 512
+    assert d.blk.metrics["update_count"] == 1
+    Block(path).close()  # the old image was closed and unlocked
+
+
+def test_update_path_to_a_bad_image_keeps_the_old_one(image, disks, tmp_path):
+    path, original = image
+    d = disks(path)
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"\0" * 1000)
+    for bad in (tmp_path / "missing.img", tmp_path, odd):
+        with pytest.raises(ConfigError):
+            d.blk.update_path(bad)
+    assert d.blk.metrics["update_fails"] == 3
+    assert d.blk.metrics["update_count"] == 0
+    assert d.drv.read_config(0, 8) == CAPACITY
+    assert d.read(0, 512) == (VIRTIO_BLK_S_OK, original[:512])
+    with pytest.raises(ConfigError, match="in use"):
+        Block(path)  # still ours, still locked
+
+
+def test_update_path_to_an_image_locked_by_someone_else_fails(image, disks, tmp_path):
+    d = disks(image[0])
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\0" * DISK_SIZE)
+    holder = disks(other)
+    with pytest.raises(ConfigError, match="in use"):
+        d.blk.update_path(other)
+    assert d.blk.metrics["update_fails"] == 1
+    holder.blk.close()
+
+
+def test_update_path_to_the_same_grown_file_rereads_its_size_and_keeps_it_locked(image, disks):
+    path, _ = image
+    d = disks(path)
+    os.truncate(path, 2 * DISK_SIZE)
+    d.blk.update_path(path)
+    assert d.drv.read_config(0, 8) == 2 * CAPACITY
+    assert d.read(2 * CAPACITY - 1, 512) == (VIRTIO_BLK_S_OK, b"\0" * 512)
+    with pytest.raises(ConfigError, match="in use"):
+        Block(path)
+
+
+def test_update_path_of_a_read_only_drive_opens_the_new_image_read_only(image, disks, tmp_path):
+    d = disks(image[0], read_only=True)
+    new = tmp_path / "ro.img"
+    new.write_bytes(b"\x66" * DISK_SIZE)
+    os.chmod(new, 0o444)
+    d.blk.update_path(new)
+    assert fcntl.fcntl(d.blk._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    assert d.read(0, 512) == (VIRTIO_BLK_S_OK, b"\x66" * 512)
+    assert d.write(0, b"\x01" * 512) == VIRTIO_BLK_S_IOERR
