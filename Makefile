@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-kvm test-e2e fuzz bench bench-quick lint cov guest clean
+.PHONY: demo test test-unit test-kvm test-e2e fuzz bench bench-quick lint cov guest rootfs clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,12 @@ guest:
 	xz -9 -T2 -c out/guest/initramfs-busybox.cpio > src/embervm/guest/initramfs-busybox.cpio.xz
 	cp out/guest/initramfs-tiny.cpio.gz src/embervm/guest/
 	cd src/embervm/guest && sha256sum *.xz *.gz > SHA256SUMS
+
+# The busybox userland as a 64 MiB ext4 root filesystem, out/rootfs.ext4: boot it with the full
+# kernel, no initrd, "root=/dev/vda rw".  Installs e2fsprogs, cpio and xz with apt-get when
+# missing (as root).
+rootfs:
+	guest/rootfs/build-rootfs.sh --install-deps out/rootfs.ext4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .coverage
