@@ -6,14 +6,40 @@ traceback.  Exit statuses of ``run`` are documented in ``embervm.vmm``.
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
-from pathlib import Path
 
-import click
 
-from . import __version__
-from .config import (
+def _firecracker_invocation(argv: list[str]) -> bool:
+    """True when this process is meant to be Firecracker (embervm.fc.cli): run under the name
+    ``firecracker`` (a symlink or copy; also a release-style ``firecracker-v1.16.1-x86_64``),
+    or as ``embervm`` (the console script or ``python -m embervm``) whose first argument is a
+    flag other than click's ``--help``/``--version`` (``embervm --api-sock S``).  Anything
+    else that merely imports this module (tests, tools) keeps the click CLI."""
+    if not argv:
+        return False
+    name = os.path.basename(argv[0])
+    if name == "firecracker" or name.startswith("firecracker-"):
+        return True
+    as_embervm = name == "embervm" or (
+        name == "__main__.py" and os.path.basename(os.path.dirname(argv[0])) == "embervm")
+    return (as_embervm and len(argv) > 1 and argv[1].startswith("--")
+            and argv[1] not in ("--help", "--version"))
+
+
+if _firecracker_invocation(sys.argv):
+    # before importing click: the Firecracker front end must bind its socket within ms
+    from .fc.cli import main as _firecracker_main
+
+    _firecracker_main()
+
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import (  # noqa: E402
     BalloonConfig,
     ConsoleConfig,
     DiskConfig,
@@ -22,7 +48,7 @@ from .config import (
     VmConfig,
     VsockConfig,
 )
-from .errors import ConfigError, EmbervmError
+from .errors import ConfigError, EmbervmError  # noqa: E402
 
 EXIT_CONFIG = 2
 

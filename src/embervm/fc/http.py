@@ -34,7 +34,8 @@ Every error path closes the connection's fd; the listening socket file is remove
 :attr:`ApiServer.metrics`.
 
 h11 is imported when the server is constructed, not with this module, so a caller can bind the
-socket (:func:`bind_unix`) first and answer ``connect()`` within milliseconds of exec.
+socket (:func:`embervm.fc.sock.bind_unix`, which imports almost nothing) first and answer
+``connect()`` within milliseconds of exec.
 """
 
 from __future__ import annotations
@@ -45,9 +46,14 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from .sock import bind_unix, remove_socket_file
+
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = ["ApiServer", "bind_unix", "remove_socket_file"]
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +76,6 @@ _PUT_ROUTES = {"actions": "actions", "boot-source": "boot_source", "drives": "dr
 _PATCH_ROUTES = {"drives": "drive", "network-interfaces": "network",
                  "machine-config": "machine_cfg", "mmds": "mmds", "hotplug": "hotplug_memory",
                  "pmem": "pmem"}
-
-
-def bind_unix(path: str, backlog: int = 128) -> socket.socket:
-    """A non-blocking listening Unix stream socket at ``path``.
-
-    Like Firecracker, an existing path is refused (clients delete a stale socket first): a
-    ConfigError says so, as it does for any other bind failure."""
-    if os.path.lexists(path):
-        raise ConfigError(f"Failed to open the API socket at: {path}. Check that it is not "
-                          "already used (the path exists; remove it if no VMM listens there).")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                         | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        sock.listen(backlog)
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"Failed to open the API socket at: {path}: "
-                          f"{e.strerror or e}") from None
-    return sock
 
 
 def _new_metrics() -> dict[str, dict[str, int]]:
@@ -562,21 +548,6 @@ class ApiServer:
         group[f"{stem}_count"] += 1
         if status >= 400 and f"{stem}_fails" in group:
             group[f"{stem}_fails"] += 1
-
-
-def remove_socket_file(path: str, identity: tuple[int, int] | None = None) -> None:
-    """Remove the API socket file; with ``identity`` (st_dev, st_ino) only if the path still
-    names that file (another process may have bound a new socket there since)."""
-    try:
-        if identity is not None:
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) != identity:
-                return
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("cannot remove the API socket %s: %s", path, e.strerror or e)
 
 
 def _error_body(message: str) -> bytes:
