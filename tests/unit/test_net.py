@@ -132,11 +132,11 @@ class Guest:
     def __init__(self, *, offloads: int = ALL_TUN, accept: int | None = LINUX,
                  legacy: bool = False, packed: bool = False, mac: str | None = None,
                  queue_sizes: list[int] | None = None, exact: int | None = None,
-                 mem_size: int = 32 << 20) -> None:
+                 mem_size: int = 32 << 20, **net_kw) -> None:
         self.tap = PairTap(offloads)
         self.loop = EventLoop()
         self.mem = GuestMemory([(0, mem_size)])
-        self.dev = Net("tap-test", mac=mac, backend=self.tap)
+        self.dev = Net("tap-test", mac=mac, backend=self.tap, **net_kw)
         self.dev.loop = self.loop
         self.transport = MmioTransport(self.dev, self.mem, legacy=legacy, packed=packed)
         self.drv = MmioDriver(self.transport, self.mem)

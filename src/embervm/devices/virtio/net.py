@@ -31,6 +31,25 @@ Data paths, all on the event-loop thread under ``self.lock``; no busy loops, no 
   the TAP and keeps the frame in hand until the kick.  At most :data:`RX_BUDGET` frames per
   callback; one interrupt decision per batch (EVENT_IDX ``used_event``).
 
+Rate limiting (Firecracker's, per direction, ``rx_rate_limiter`` / ``tx_rate_limiter``): a
+frame costs one operation and its length with the virtio-net header in bytes.
+
+* TX: a checked frame is charged just before it is written to the TAP.  If the limiter says
+  no, the chain goes back on the ring (``undo_pop``), the queue is throttled and one loop timer
+  is armed for when the limiter will have the tokens; tx kicks are ignored until it fires.
+* RX: a frame read from the TAP is charged before it is copied to the guest.  If the limiter
+  says no, the frame stays in hand (as when the guest has no buffers), the TAP is no longer
+  polled and one timer is armed; the frame is delivered when it fires.  A frame is charged once,
+  even if it then waits for receive buffers.
+
+A reset cancels both timers and leaves no throttle behind.  :meth:`Net.update_rate_limiters`
+changes the buckets at run time (Firecracker's PATCH: what is not given stays).
+
+Metrics: Firecracker's ``net`` group names (``rx_bytes_count``, ``tx_packets_count``,
+``rx_rate_limiter_throttled``, ``tap_write_fails``, ...; bytes counted with the virtio-net header,
+as Firecracker does) next to embervm's older counters (``rx_frames``, ``tx_bytes``: frame
+bytes only, ...).
+
 Hostile drivers: a transmit chain with writable buffers, a header or frame that is too short or
 too long, flags or GSO types that were not negotiated are dropped (returned with ``used.len``
 0, counted in ``tx_dropped``); a receive chain with readable buffers or too small for a header
@@ -47,10 +66,11 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, GuestError, QueueError
 from ...eventloop import TimerHandle
+from ...ratelimit import RateLimiter, TokenType
 from . import spec
 from .device import ConfigField, VirtioDevice
 from .queue import ChainError, DescriptorChain, Virtqueue
@@ -63,6 +83,9 @@ from .tap import (
     Tap,
     TapBackend,
 )
+
+if TYPE_CHECKING:
+    from ...config import RateLimitConfig
 
 try:
     # hashlib's own BLAKE2b without the rest of hashlib, which loads libcrypto (+3.8 MiB of VMM
@@ -142,6 +165,42 @@ TX_BUDGET = 256
 TX_RETRY_SECONDS = 0.001
 #: writev takes at most IOV_MAX (1024) iovecs; a hostile chain may have more segments.
 _MAX_IOV = 1000
+#: Shortest wait before a throttled direction is retried, so that a limiter reporting 0 s (its
+#: bucket refills in under a millisecond) cannot spin the loop on zero-delay timers.
+MIN_RETRY_SECONDS = 0.001
+
+# _transmit outcomes
+_TX_DONE = 0  # sent, or dropped and to be completed
+_TX_BLOCKED = 1  # the TAP is full: retry the same chain soon (already charged)
+_TX_THROTTLED = 2  # the rate limiter refused it: put it back on the ring
+
+_OPS = TokenType.OPS
+_BYTES = TokenType.BYTES
+
+#: Firecracker's per-NIC metrics (src/vmm/src/devices/virtio/net/metrics.rs) that this device
+#: keeps.  Left out: tap_write_agg (a latency aggregate, not a counter), mac_address_updates
+#: (the MAC is read-only here; writes count as cfg_fails) and tx_remaining_reqs_count.
+FC_NET_METRICS = (
+    "activate_fails", "cfg_fails", "no_rx_avail_buffer", "no_tx_avail_buffer", "event_fails",
+    "rx_queue_event_count", "rx_event_rate_limiter_count", "rx_rate_limiter_throttled",
+    "rx_tap_event_count", "rx_bytes_count", "rx_packets_count", "rx_fails", "rx_count",
+    "tap_read_fails", "tap_write_fails", "tx_bytes_count", "tx_malformed_frames", "tx_fails",
+    "tx_count", "tx_packets_count", "tx_queue_event_count", "tx_rate_limiter_event_count",
+    "tx_rate_limiter_throttled", "tx_spoofed_mac_count",
+)
+
+
+def _charge(lim: RateLimiter, nbytes: int) -> bool:
+    """Take one operation and ``nbytes`` bytes from ``lim``, or nothing (Firecracker's order:
+    ops first, given back if the bytes are refused)."""
+    if lim.unlimited:
+        return True
+    if not lim.consume(1, _OPS):
+        return False
+    if not lim.consume(nbytes, _BYTES):
+        lim.manual_replenish(1, _OPS)
+        return False
+    return True
 
 # GSO type (without the ECN bit) → the feature the sender must have negotiated, per direction.
 _HOST_GSO = {
@@ -203,6 +262,7 @@ def format_mac(mac: bytes) -> str:
 class Net(VirtioDevice):
     """A virtio-net device on the TAP ``tap`` (opened, or created when root; see ``tap.py``).
 
+    ``rx_rate_limiter`` / ``tx_rate_limiter`` limit each direction (None: unlimited).
     ``backend`` replaces the TAP (tests).  Call :meth:`close` when the VM is gone.
     """
 
@@ -215,7 +275,13 @@ class Net(VirtioDevice):
     )
 
     def __init__(
-        self, tap: str, *, mac: str | None = None, backend: TapBackend | None = None
+        self,
+        tap: str,
+        *,
+        mac: str | None = None,
+        rx_rate_limiter: RateLimitConfig | None = None,
+        tx_rate_limiter: RateLimitConfig | None = None,
+        backend: TapBackend | None = None,
     ) -> None:
         mac_bytes = parse_mac(mac) if mac is not None else default_mac(tap)
         self._tap: TapBackend = backend if backend is not None else Tap(tap)
@@ -245,6 +311,15 @@ class Net(VirtioDevice):
             tx_frames=0, tx_bytes=0, tx_gso_frames=0, tx_dropped=0, tx_errors=0,
             invalid_chains=0, link_changes=0,
         )
+        self.metrics.update(dict.fromkeys(FC_NET_METRICS, 0))
+        self.rx_limiter = RateLimiter(rx_rate_limiter)
+        self.tx_limiter = RateLimiter(tx_rate_limiter)
+        # A direction is throttled from a refusal until its timer fires (or a reset).
+        self._rx_throttled = False
+        self._tx_throttled = False
+        self._rx_rl_timer: TimerHandle | None = None
+        self._tx_rl_timer: TimerHandle | None = None
+        self._rx_charged = False  # the frame in hand has been paid for
         self._hdr_len = HDR_LEN
         self._mrg = False
         # One frame read from the TAP waits here until the guest has room for it.
@@ -276,6 +351,28 @@ class Net(VirtioDevice):
             self.metrics["link_changes"] += 1
             self.set_config("status", VIRTIO_NET_S_LINK_UP if up else 0)
 
+    def update_rate_limiters(
+        self, rx: RateLimitConfig | None = None, tx: RateLimitConfig | None = None
+    ) -> None:
+        """Change the limiters' buckets at run time (loop thread).
+
+        Firecracker's PATCH semantics: None leaves that direction as it is, and a given config
+        changes only the buckets it names (``RateLimiter.update``).  A throttled direction is
+        retried at once, so that a looser limit takes effect now rather than when the old
+        limit's timer would have fired.
+        """
+        with self.lock:
+            if rx is not None:
+                self.rx_limiter.update(rx)
+                if self._rx_throttled:
+                    self._cancel_rl_timer(RXQ)
+                    self._arm_rl_timer(RXQ, 0.0)
+            if tx is not None:
+                self.tx_limiter.update(tx)
+                if self._tx_throttled:
+                    self._cancel_rl_timer(TXQ)
+                    self._arm_rl_timer(TXQ, 0.0)
+
     def status(self) -> dict[str, Any]:
         return {
             "tap": self.tap_name,
@@ -301,6 +398,8 @@ class Net(VirtioDevice):
             self._closed = True
             self._stop_reading()
             self._cancel_tx_timer()
+            self._clear_throttle(RXQ)
+            self._clear_throttle(TXQ)
             self._tap.close()
 
     def __enter__(self) -> Net:
@@ -334,6 +433,7 @@ class Net(VirtioDevice):
         except OSError as e:
             # Runs on a vCPU thread (the DRIVER_OK write): never raise.  Frames that do not
             # match what the guest accepted are dropped on receive anyway.
+            self.metrics["activate_fails"] += 1
             self.ratelog.warning(("tapsetup", e.errno), "%s: TAP %s set-up failed: %s",
                                  self.name, self.tap_name, e.strerror)
         # Both queues are scanned by the transport right after this (DRIVER_OK scan): receive
@@ -343,6 +443,8 @@ class Net(VirtioDevice):
         # The chains belong to the old rings.  A frame in hand is dropped (power-on state).
         self._stop_reading()
         self._cancel_tx_timer()
+        self._clear_throttle(RXQ)
+        self._clear_throttle(TXQ)
         self._rx_held.clear()
         self._tx_pending = None
         if self._rx_len:
@@ -367,33 +469,66 @@ class Net(VirtioDevice):
 
     def process_queue(self, index: int, queue: Virtqueue) -> None:
         if index == RXQ:
+            self.metrics["rx_queue_event_count"] += 1
+            if self._rx_throttled:
+                # The frame in hand waits for the limiter; its timer resumes receiving.
+                self.metrics["rx_rate_limiter_throttled"] += 1
+                return
             # The driver posted receive buffers: deliver what is in hand, (re)start reading.
             # No more rx kicks until the ring runs dry again (_rx_room re-arms them); with
             # EVENT_IDX this is a no-op, the stale avail_event already means "no kicks".
             queue.disable_notifications()
             self._rx_pump(queue)
         elif index == TXQ:
+            self.metrics["tx_queue_event_count"] += 1
+            if self._tx_throttled:
+                # Kicks are ignored while throttled: the timer's retry drains the ring.
+                self.metrics["tx_rate_limiter_throttled"] += 1
+                return
             self._tx_pump(queue)
+
+    def read_config(self, offset: int, size: int) -> int:
+        if offset < 0 or offset + size > len(self.config):
+            self.metrics["cfg_fails"] += 1  # Firecracker counts reads beyond the config space
+        return super().read_config(offset, size)
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        # Nothing in this device's config space is driver-writable (the MAC is read-only).
+        self.metrics["cfg_fails"] += 1
+        super().write_config(offset, size, value)
+
+    def fail(self, reason: str) -> None:
+        self.metrics["event_fails"] += 1
+        super().fail(reason)
 
     # -- TX ----------------------------------------------------------------------------------------
 
     def _tx_pump(self, queue: Virtqueue) -> None:
         budget = TX_BUDGET if self.loop is not None else -1
+        used = 0
         try:
             while True:
                 queue.disable_notifications()
                 while budget:
                     chain = self._tx_pending
                     self._tx_pending = None
+                    charged = chain is not None  # a blocked chain was paid for already
                     if chain is None:
                         chain = self._pop(queue)
                         if chain is None:
                             break
-                    if not self._transmit(chain):
+                    outcome = self._transmit(chain, charged=charged)
+                    if outcome == _TX_BLOCKED:
                         self._tx_pending = chain  # the TAP is full: retry soon
                         self._arm_tx_timer(TX_RETRY_SECONDS)
                         return
+                    if outcome == _TX_THROTTLED:
+                        queue.undo_pop(chain)  # the driver still owns it; the retry re-reads it
+                        self.metrics["chains"] -= 1
+                        self._throttle(TXQ, self.tx_limiter)
+                        return
                     queue.add_used(chain, 0)
+                    used += 1
                     budget -= 1
                 if not budget:
                     # Fair to the other fds: continue from the loop, kicks stay off meanwhile.
@@ -402,43 +537,72 @@ class Net(VirtioDevice):
                 if not queue.enable_notifications():
                     return
         finally:
+            if not used:
+                self.metrics["no_tx_avail_buffer"] += 1
             # Also covers invalid chains returned by _pop; a no-op if nothing was published.
             if self.active:
                 self.signal_used(queue)
 
-    def _transmit(self, chain: DescriptorChain) -> bool:
-        """Send one chain's frame to the TAP; False if the write would block."""
+    def _transmit(self, chain: DescriptorChain, *, charged: bool) -> int:
+        """Send one chain's frame to the TAP, paying the tx limiter first unless ``charged``.
+
+        Returns _TX_DONE (sent, or dropped: complete the chain), _TX_BLOCKED (the write would
+        block; the frame is paid for) or _TX_THROTTLED (the limiter refused; nothing taken).
+        """
         hdr_len = self._hdr_len
         total = chain.readable_len
         frame_len = total - hdr_len
         if chain.writable_len or frame_len < ETH_HLEN or frame_len > MAX_FRAME:
             self._tx_drop("malformed chain", chain)
-            return True
+            return _TX_DONE
         reader = chain.reader()
         hdr = reader.read(hdr_len)
         why = self._tx_header_problem(hdr, frame_len)
         if why is not None:
             self._tx_drop(why, chain)
-            return True
+            return _TX_DONE
+        if not charged and not _charge(self.tx_limiter, total):
+            return _TX_THROTTLED
         views = reader.views()
         if len(views) >= _MAX_IOV:  # a hostile scatter list: one bounded copy (≤ 64 KiB)
             views = [memoryview(b"".join(views))]
         try:
             os.writev(self._tap.fd, [hdr, *views])
         except BlockingIOError:
-            return False
+            return _TX_BLOCKED
         except OSError as e:
             # EINVAL: the host kernel refused the header (virtio_net_hdr_to_skb); EIO: the TAP
             # is down.  The frame is lost, as on a wire.
             self.metrics["tx_errors"] += 1
+            self.metrics["tap_write_fails"] += 1
             self.ratelog.warning(("txerr", e.errno), "%s: TAP %s write failed: %s",
                                  self.name, self.tap_name, e.strerror)
-            return True
-        self.metrics["tx_frames"] += 1
-        self.metrics["tx_bytes"] += frame_len
+            return _TX_DONE
+        m = self.metrics
+        m["tx_frames"] += 1
+        m["tx_bytes"] += frame_len
+        m["tx_count"] += 1
+        m["tx_packets_count"] += 1
+        m["tx_bytes_count"] += total
         if hdr[1] != VIRTIO_NET_HDR_GSO_NONE:
-            self.metrics["tx_gso_frames"] += 1
-        return True
+            m["tx_gso_frames"] += 1
+        if self._source_mac(views) != self.mac:
+            # Firecracker counts frames whose source is not the guest's MAC, and sends them.
+            m["tx_spoofed_mac_count"] += 1
+        return _TX_DONE
+
+    @staticmethod
+    def _source_mac(views: list[memoryview]) -> bytes:
+        """Bytes 6..12 of the frame (its source MAC), wherever the driver split it."""
+        first = views[0]
+        if len(first) >= 12:
+            return bytes(first[6:12])
+        head = bytearray()
+        for v in views:
+            head += v[: 12 - len(head)]
+            if len(head) >= 12:
+                break
+        return bytes(head[6:12])
 
     def _tx_header_problem(self, hdr: bytes, frame_len: int) -> str | None:
         """Why a driver's header must not go to the TAP (§5.1.6.2 driver requirements)."""
@@ -464,6 +628,7 @@ class Net(VirtioDevice):
 
     def _tx_drop(self, why: str, chain: DescriptorChain) -> None:
         self.metrics["tx_dropped"] += 1
+        self.metrics["tx_malformed_frames"] += 1
         self.ratelog.warning(("txdrop", why), "%s: dropped a transmit chain (%s): %s",
                              self.name, why, chain)
 
@@ -479,14 +644,89 @@ class Net(VirtioDevice):
     def _on_tx_timer(self) -> None:
         with self.lock:
             self._tx_timer = None
+            if self._tx_throttled:
+                return  # the rate-limiter timer resumes transmitting
             queue = self._queue(TXQ)
             if queue is not None:
                 self._guarded(TXQ, self._tx_pump, queue)
+
+    # -- rate limiting -----------------------------------------------------------------------------
+
+    def _throttle(self, index: int, lim: RateLimiter) -> None:
+        """The limiter refused a frame: stop this direction and arm its one retry timer."""
+        if index == RXQ:
+            self._rx_throttled = True
+            self.metrics["rx_rate_limiter_throttled"] += 1
+        else:
+            self._tx_throttled = True
+            self.metrics["tx_rate_limiter_throttled"] += 1
+        self._arm_rl_timer(index, lim.wait_time())
+
+    def _arm_rl_timer(self, index: int, delay: float) -> None:
+        if self.loop is None:
+            # No loop to wait on (a device driven by hand): the direction stays throttled until
+            # update_rate_limiters() or a reset; visible in the *_rate_limiter_throttled counts.
+            return
+        delay = max(delay, MIN_RETRY_SECONDS)
+        if index == RXQ:
+            if self._rx_rl_timer is None:
+                self._rx_rl_timer = self.loop.call_later(delay, self._on_rx_rl_timer)
+        elif self._tx_rl_timer is None:
+            self._tx_rl_timer = self.loop.call_later(delay, self._on_tx_rl_timer)
+
+    def _cancel_rl_timer(self, index: int) -> None:
+        timer = self._rx_rl_timer if index == RXQ else self._tx_rl_timer
+        if timer is not None:
+            timer.cancel()
+        if index == RXQ:
+            self._rx_rl_timer = None
+        else:
+            self._tx_rl_timer = None
+
+    def _clear_throttle(self, index: int) -> None:
+        """Forget a throttle (reset, close): no timer left, the limiter not blocked."""
+        self._cancel_rl_timer(index)
+        if index == RXQ:
+            if self._rx_throttled:
+                self._rx_throttled = False
+                self.rx_limiter.unblock()
+        elif self._tx_throttled:
+            self._tx_throttled = False
+            self.tx_limiter.unblock()
+
+    def _on_tx_rl_timer(self) -> None:
+        with self.lock:
+            self._tx_rl_timer = None
+            if not self._tx_throttled:
+                return
+            self._tx_throttled = False
+            self.tx_limiter.unblock()
+            self.metrics["tx_rate_limiter_event_count"] += 1
+            queue = self._queue(TXQ)
+            if queue is not None:
+                self._guarded(TXQ, self._tx_pump, queue)
+
+    def _on_rx_rl_timer(self) -> None:
+        with self.lock:
+            self._rx_rl_timer = None
+            if not self._rx_throttled:
+                return
+            self._rx_throttled = False
+            self.rx_limiter.unblock()
+            self.metrics["rx_event_rate_limiter_count"] += 1
+            queue = self._queue(RXQ)
+            if queue is not None:
+                self._guarded(RXQ, self._rx_pump, queue)
 
     # -- RX ----------------------------------------------------------------------------------------
 
     def _on_tap_readable(self) -> None:
         with self.lock:
+            self.metrics["rx_tap_event_count"] += 1
+            if self._rx_throttled:
+                self.metrics["rx_rate_limiter_throttled"] += 1
+                self._stop_reading()
+                return
             queue = self._queue(RXQ)
             if queue is None:
                 self._stop_reading()
@@ -500,13 +740,26 @@ class Net(VirtioDevice):
             for _ in range(RX_BUDGET):
                 if not self._rx_len:
                     if not self._rx_room(queue):
+                        self.metrics["no_rx_avail_buffer"] += 1
                         self._stop_reading()  # resumed by the driver's kick on the rx queue
                         return
                     if not self._read_frame():
                         break
                     if not self._rx_len:
                         continue  # dropped
+                if not self._rx_charged:
+                    if not _charge(self.rx_limiter, self._rx_len):
+                        self._stop_reading()  # frame in hand: resumed by the limiter's timer
+                        self._throttle(RXQ, self.rx_limiter)
+                        return
+                    self._rx_charged = True
                 if self._deliver(queue) is None:
+                    # The frame needs more buffers than the ring has: re-arm kicks and re-check
+                    # (lost-wakeup rule; the buffers gathered so far are held, so _rx_room alone
+                    # would not re-arm them).
+                    if queue.enable_notifications():
+                        continue
+                    self.metrics["no_rx_avail_buffer"] += 1
                     self._stop_reading()  # frame in hand, ring dry: wait for the kick
                     return
             self._start_reading()
@@ -534,6 +787,7 @@ class Net(VirtioDevice):
             # EBADFD: the TAP was deleted under us.  Stop polling a dead fd (it would report an
             # error forever) and tell the guest the link is gone.
             # Any other error would repeat on every poll (the fd reports it as readable).
+            self.metrics["tap_read_fails"] += 1
             self.ratelog.warning(("rxerr", e.errno), "%s: TAP %s read failed: %s; link down",
                                  self.name, self.tap_name, e.strerror)
             self._tap_dead = True
@@ -542,6 +796,7 @@ class Net(VirtioDevice):
             return False
         if n == 0:
             # A TAP never reads 0 bytes (that is end-of-file on a socket back-end): dead too.
+            self.metrics["tap_read_fails"] += 1
             self.ratelog.warning("rxeof", "%s: %s closed; link down", self.name, self.tap_name)
             self._tap_dead = True
             self._stop_reading()
@@ -567,6 +822,7 @@ class Net(VirtioDevice):
         if flags & VIRTIO_NET_HDR_F_DATA_VALID and not self.has_feature(VIRTIO_NET_F_GUEST_CSUM):
             buf[0] = flags & ~VIRTIO_NET_HDR_F_DATA_VALID  # §5.1.6.3.2: flags 0 without it
         self._rx_len = n
+        self._rx_charged = False
         return True
 
     def _deliver(self, queue: Virtqueue) -> bool | None:
@@ -592,7 +848,7 @@ class Net(VirtioDevice):
                 _U16.pack_into(self._rxbuf, HDR_LEN_LEGACY, 1)
             chain.writer().write(self._rxview[:n])
             queue.add_used(chain, n)
-            self._rx_done(n - hdr_len)
+            self._rx_done(n, hdr_len)
             return True
         # MRG_RXBUF: gather buffers until the frame fits, then fill them in order.
         capacity = sum(c.writable_len for c in held)
@@ -621,7 +877,7 @@ class Net(VirtioDevice):
             k = chain.writer().write(view[pos:n])
             queue.add_used(chain, k)
             pos += k
-        self._rx_done(n - hdr_len)
+        self._rx_done(n, hdr_len)
         return True
 
     def _next_rx_chain(
@@ -638,6 +894,7 @@ class Net(VirtioDevice):
             if chain.readable_len or chain.writable_len < minimum:
                 # §5.1.6.3: receive buffers are device-writable and hold at least a header.
                 self.metrics["rx_malformed"] += 1
+                self.metrics["rx_fails"] += 1
                 self.ratelog.warning("rxmalformed", "%s: unusable receive chain %s",
                                      self.name, chain)
                 queue.add_used(chain, 0)
@@ -649,10 +906,15 @@ class Net(VirtioDevice):
         self._rx_len = 0
         self.metrics["rx_dropped"] += 1
 
-    def _rx_done(self, frame_len: int) -> None:
+    def _rx_done(self, n: int, hdr_len: int) -> None:
+        """A frame of ``n`` bytes (header included) reached the guest."""
         self._rx_len = 0
-        self.metrics["rx_frames"] += 1
-        self.metrics["rx_bytes"] += frame_len
+        m = self.metrics
+        m["rx_frames"] += 1
+        m["rx_bytes"] += n - hdr_len
+        m["rx_count"] += 1
+        m["rx_packets_count"] += 1
+        m["rx_bytes_count"] += n
 
     def _start_reading(self) -> None:
         if self._reading or self._closed or self._tap_dead or self.loop is None:
@@ -683,6 +945,7 @@ class Net(VirtioDevice):
                 chain = queue.pop()
             except ChainError as e:
                 self.metrics["invalid_chains"] += 1
+                self.metrics["rx_fails" if queue.index == RXQ else "tx_fails"] += 1
                 self.ratelog.warning(("badchain", queue.index), "%s: %s", self.name, e)
                 if e.chain is not None:
                     queue.add_used(e.chain, 0)
