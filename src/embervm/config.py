@@ -37,6 +37,10 @@ def max_vcpus() -> int:
     return min(MPTABLE_MAX, cap) if cap else MPTABLE_MAX
 
 
+#: how long a graceful stop (SIGTERM, ``stop`` on the control socket, Machine.shutdown) waits
+#: for the guest to react to Ctrl-Alt-Del before stopping it
+STOP_GRACE_SECONDS = 10.0
+
 MIN_MEM_MIB = 32
 MAX_MEM_MIB = 64 * 1024
 

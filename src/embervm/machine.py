@@ -30,6 +30,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 from .config import (
     CACHE_TYPES,
     IO_ENGINES,
+    STOP_GRACE_SECONDS,
     BalloonConfig,
     DiskConfig,
     NetConfig,
@@ -58,8 +60,6 @@ RUNNING = "Running"
 PAUSED = "Paused"
 EXITED = "Exited"
 
-#: how long a graceful stop waits for the guest to react to Ctrl-Alt-Del
-STOP_GRACE_SECONDS = 10.0
 
 
 class Machine:
@@ -69,8 +69,12 @@ class Machine:
                  initrd: str | os.PathLike[str] | None = None, boot_args: str | None = None,
                  append: str = "", mem_mib: int = 128, vcpus: int = 1,
                  id: str = "anonymous-instance", serial: str = "stdio",
+                 serial_out: Callable[[bytes], None] | None = None,
                  loop: EventLoop | None = None) -> None:
+        """``serial_out``: a callable that gets the guest's serial console output (ttyS0)
+        instead of ``serial`` ("stdio": this process's stdout and stdin, or "null")."""
         self.id = id
+        self._state = NOT_STARTED
         self.config = VmConfig(mem_mib=mem_mib, vcpus=vcpus, append=append,
                                serial=SerialConfig(serial))
         if serial not in ("stdio", "null"):
@@ -91,14 +95,15 @@ class Machine:
         self._exited = threading.Event()
         self._extra: list[tuple[Any, str | None]] = []
         self._loop_thread: threading.Thread | None = None
-        self._stop_status: int | None = None  # the status a graceful stop will exit with
-        self._stop_timer = None
         self._metrics = None  # embervm.metrics.MetricsWriter, once set_metrics() was called
         self.smt = False
         self.track_dirty_pages = False
         self.huge_pages: str | None = None
         self.entropy = False
         self._mmds = None
+        self._serial_out = serial_out
+        #: Firecracker's latencies_us group (store metrics: the last value, in µs)
+        self._latencies: dict[str, int] = {}
         _install_kick_handler()
 
     @property
@@ -451,7 +456,21 @@ class Machine:
                     groups["balloon"] = dict(dev.metrics)
                 elif isinstance(dev, Rng):
                     groups["entropy"] = dict(dev.metrics)
-            groups["uart"] = dict(getattr(vmm.serial, "metrics", {}))
+            io_in = io_out = mmio_read = mmio_write = 0
+            for vcpu in vmm.vcpus:
+                a, b, c, d = vcpu.exit_counts
+                io_in, io_out, mmio_read, mmio_write = (io_in + a, io_out + b, mmio_read + c,
+                                                        mmio_write + d)
+            groups["vcpu"] = {"exit_io_in": io_in, "exit_io_out": io_out,
+                              "exit_mmio_read": mmio_read, "exit_mmio_write": mmio_write,
+                              "failures": int(vmm.exit_status == 1)}
+            s = vmm.serial.metrics
+            # Firecracker's names where the counter means the same; embervm's own otherwise.
+            groups["uart"] = {"write_count": s.tx_bytes, "error_count": s.callback_errors,
+                              "host_rx_bytes": s.rx_bytes, "host_rx_dropped": s.rx_dropped,
+                              "interrupts": s.interrupts}
+        groups["vmm"] = {"panic_count": 0}
+        groups["latencies_us"] = dict(self._latencies)
         groups.update(self._extra_metrics)
         return groups
 
@@ -479,7 +498,7 @@ class Machine:
         if not self.boot_source_set and self.config.kernel is None and not self._default_ok:
             raise ConfigError("no kernel: set a boot source first")
         self.vmm = Vmm(self.config, loop=self.loop, extra_devices=self._extra,
-                       on_exit=self._on_vm_exit)
+                       on_exit=self._on_vm_exit, console_out=self._serial_out)
         self.vmm.start()
         self._state = RUNNING
 
@@ -510,7 +529,10 @@ class Machine:
     def _pause(self) -> None:
         self._require(RUNNING, PAUSED, what="pause")
         if self._state == RUNNING:
+            t0 = time.monotonic()
             self.vmm.pause()
+            self._latencies["pause_vm"] = self._latencies["vmm_pause_vm"] = int(
+                (time.monotonic() - t0) * 1e6)
             self._state = PAUSED
 
     def resume(self) -> None:
@@ -519,7 +541,10 @@ class Machine:
     def _resume(self) -> None:
         self._require(RUNNING, PAUSED, what="resume")
         if self._state == PAUSED:
+            t0 = time.monotonic()
             self.vmm.resume()
+            self._latencies["resume_vm"] = self._latencies["vmm_resume_vm"] = int(
+                (time.monotonic() - t0) * 1e6)
             self._state = RUNNING
 
     def ctrl_alt_del(self) -> None:
@@ -532,8 +557,8 @@ class Machine:
 
     def shutdown(self, status: int = 0, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop the VM (any thread): a running guest is first asked with Ctrl-Alt-Del and
-        given ``grace`` seconds; then it is stopped.  The process-level exit status is
-        ``status``.  Before a start, it just ends :meth:`serve`."""
+        given ``grace`` seconds; then it is stopped.  The exit status is ``status`` either
+        way.  Before a start, it just ends :meth:`serve`."""
         self.loop.call_soon_threadsafe(lambda: self._shutdown(status, grace))
 
     def _shutdown(self, status: int, grace: float) -> None:
@@ -542,19 +567,7 @@ class Machine:
         if self._state == NOT_STARTED:
             self._finish(status, "shut down before start")
             return
-        self._stop_status = status
-        if self._state == PAUSED or grace <= 0:
-            self.vmm.stop(status, "stopped")
-            return
-        try:
-            self.vmm.ctrl_alt_del()
-        except Exception as e:
-            log.info("Ctrl-Alt-Del not delivered (%s): stopping at once", e)
-            self.vmm.stop(status, "stopped")
-            return
-        if self._stop_timer is None:
-            self._stop_timer = self.loop.call_later(
-                grace, lambda: self.vmm.stop(status, f"guest did not stop within {grace} s"))
+        self.vmm.request_stop(status, "shutdown requested", grace)
 
     def kill(self, status: int = 1) -> None:
         """Stop the VM at once (no guest shutdown)."""
@@ -568,10 +581,6 @@ class Machine:
     def _on_vm_exit(self) -> None:
         vmm = self.vmm
         status = vmm.exit_status
-        if self._stop_status is not None:
-            status = self._stop_status
-        if self._stop_timer is not None:
-            self._stop_timer.cancel()
         vmm.teardown()
         self._finish(status if status is not None else 1, vmm.exit_reason)
 
