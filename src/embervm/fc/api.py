@@ -214,13 +214,17 @@ class FirecrackerApi:
         the same code as the PUT requests, in Firecracker's order (resources.rs ``from_json``):
         logger, metrics, machine-config, cpu-config, boot-source, drives, network-interfaces,
         vsock, balloon, mmds-config, entropy, pmem, memory-hotplug.  Raises ConfigError with
-        the section's name and the API's message; unknown keys are refused."""
+        the section's name and the API's message.  Unknown top-level keys are ignored, as
+        Firecracker's ``VmmConfig`` does (it has no ``deny_unknown_fields``; ``serial`` is even
+        skipped on purpose), so a file written for Firecracker works here; each is named in a
+        warning, since a misspelt key is otherwise silently lost.  Inside a section, bodies are
+        as strict as the API's."""
         if not isinstance(doc, dict):
             raise ConfigError("config file: expected a JSON object at the top level")
         unknown = sorted(set(doc) - set(CONFIG_FILE_KEYS))
         if unknown:
-            raise ConfigError(f"config file: unknown key(s) {', '.join(unknown)}; expected "
-                              f"some of {', '.join(CONFIG_FILE_KEYS)}")
+            log.warning("config file: ignoring unknown key(s) %s (known: %s)",
+                        ", ".join(unknown), ", ".join(CONFIG_FILE_KEYS))
         for required in ("boot-source", "drives"):
             if required not in doc:
                 raise ConfigError(f"config file: missing field `{required}`")
