@@ -33,7 +33,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
      "Argument 'seccomp-filter' cannot be used together with argument 'no-seccomp'."),
     (["--show-level", "--show-level"], "The argument 'show-level' was provided more than once."),
 ])
-def test_bad_command_lines_exit_153_with_firecrackers_message(capsys, argv, message):
+def test_bad_command_lines_exit_153_with_firecrackers_message(capsys, tmp_path, argv, message):
+    if "--api-sock" not in argv:  # were the parser to accept it, never touch /run
+        argv = [*argv, "--api-sock", str(tmp_path / "s")]
     status, out, err = run(capsys, *argv)
     assert status == 153
     assert err.startswith("Error: Arguments parsing error: ")
@@ -119,6 +121,15 @@ def test_existing_socket_path_exits_1_and_is_left_alone(capsys, tmp_path):
     assert status == 1
     assert "Failed to open the API socket" in err and "already used" in err
     assert sock.read_text() == "someone else's"
+
+
+def test_logger_that_cannot_open_its_file_exits_1_and_removes_the_socket(capsys, tmp_path):
+    sock = str(tmp_path / "api.sock")
+    status, _, err = run(capsys, "--api-sock", sock, "--log-path",
+                         str(tmp_path / "no-such-dir" / "fc.log"))
+    assert status == 1
+    assert "Could not initialize logger" in err
+    assert not os.path.exists(sock)
 
 
 def test_unreadable_config_file_exits_152_and_removes_the_socket(capsys, tmp_path):

@@ -35,7 +35,9 @@ def echo_handler(calls: list):
         if path == "/boom":
             raise RuntimeError("handler bug")
         if path == "/big":
-            return Resp(200, b"x" * 200_000)
+            return Resp(200, b"x" * 1_000_000)
+        if path == "/mid":  # more than a socket buffer, less than the server's high water
+            return Resp(200, b"m" * 300_000)
         if path == "/deprecated":
             return Resp(204, None, [("Deprecation", "true")])
         status = 400 if "fail" in path else 200
@@ -212,6 +214,18 @@ def test_client_half_close_still_gets_its_replies(served, sock_path):
     buf = bytearray()
     assert json.loads(read_response(c, buf)[2])["path"] == "/one"
     assert json.loads(read_response(c, buf)[2])["path"] == "/two"
+    assert closed_by_server(c)
+    c.close()
+    # the same with a reply still waiting in the server's buffer when the EOF arrives
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.settimeout(5)
+    c.connect(sock_path)
+    c.sendall(request("GET", "/mid"))
+    c.shutdown(socket.SHUT_WR)
+    time.sleep(0.3)  # the server has read the EOF before the client reads anything
+    status, _, body = read_response(c, bytearray())
+    assert status == 200 and body == b"m" * 300_000
     assert closed_by_server(c)
     c.close()
 
@@ -395,7 +409,7 @@ def test_client_that_does_not_read_is_throttled_then_dropped(sock_path):
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         c.setblocking(False)
         sent = 0
-        raw = request("GET", "/big")  # 200 kB per reply
+        raw = request("GET", "/big")  # 1 MB per reply
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             try:

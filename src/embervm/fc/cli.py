@@ -214,7 +214,8 @@ class Logging:
     def update(self, path: str | None = None, level: str | None = None,
                show_level: bool | None = None, show_log_origin: bool | None = None,
                module: str | None = None) -> None:
-        """Apply a (partial) logger configuration; OSError if the path cannot be opened."""
+        """Apply a (partial) logger configuration; ConfigError (fclog) or OSError (the
+        fallback) if the path cannot be opened."""
         if path is not None:
             self.path = path
         self.level = level or "Info"
@@ -374,6 +375,8 @@ def _serve(args: dict, signals: _Signals) -> int:
 
         import logging
 
+        from ..errors import EmbervmError
+
         log = logging.getLogger("embervm.fc")
         logs = Logging(instance_id)
         try:
@@ -381,14 +384,15 @@ def _serve(args: dict, signals: _Signals) -> int:
                         show_level=bool(args.get("show-level")),
                         show_log_origin=bool(args.get("show-log-origin")),
                         module=args.get("module"))
-        except OSError as e:
+        except OSError as e:  # the fallback's open
             raise Exit(EXIT_GENERIC, "Could not initialize logger: Failed to open target "
                                      f"file: {e.strerror or e}") from None
+        except EmbervmError as e:  # fclog's ConfigError
+            raise Exit(EXIT_GENERIC, f"Could not initialize logger: {e}") from None
         log.info("Running Firecracker v%s (embervm)", FIRECRACKER_VERSION)
         if seccomp is not None or args.get("no-seccomp"):
             log.warning("%s", SECCOMP_NOTE)
 
-        from ..errors import EmbervmError
         from ..machine import Machine
         from .api import FirecrackerApi
 
