@@ -144,8 +144,9 @@ def test_unreadable_config_file_exits_152_and_removes_the_socket(capsys, tmp_pat
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     (json.dumps({"drives": []}), "missing field `boot-source`"),
-    (json.dumps({"boot-source": {"kernel_image_path": "/k"}, "drives": {}}),
-     "drives: expected a list"),
+    (json.dumps({"machine-config": {"vcpu_count": 0, "mem_size_mib": 128},
+                 "boot-source": {"kernel_image_path": "/k"}, "drives": []}),
+     "machine-config"),
     (json.dumps({"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"},
                  "drives": []}), "boot-source"),
 ])
