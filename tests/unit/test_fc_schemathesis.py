@@ -3,17 +3,15 @@ generated requests for every operation (except /actions and /snapshot/*, which w
 snapshot a VM) go to a live pre-boot server over a Unix socket; no answer may be a 5xx, every
 answer must conform to the swagger, and none may hang.
 
-The server is a small local harness (http.server on a Unix socket, one request at a time)
-around FirecrackerApi.handle and a real, never started Machine, because the real front end
-(embervm.fc.cli with embervm.fc.http) is being written at the same time; once it lands this
-test should start ``python -m embervm.fc.cli --api-sock S`` instead.
+The server is the real front end (``python -m embervm.fc.cli``: embervm.fc.http on the
+event loop, FirecrackerApi, a never-started Machine), in a scratch directory.
 """
 
 from __future__ import annotations
 
-import socketserver
-import threading
-from http.server import BaseHTTPRequestHandler
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,43 +22,8 @@ requests_unixsocket = pytest.importorskip("requests_unixsocket")
 from fc_swagger import validate_response  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
-from embervm.fc.api import FirecrackerApi  # noqa: E402
-from embervm.machine import Machine  # noqa: E402
-
 SPEC = Path(__file__).resolve().parent.parent / "data" / "firecracker-v1.16.1.yaml"
 MAX_EXAMPLES = 12
-
-
-def _handler_class(api: FirecrackerApi) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else None
-            response = api.handle(self.command, self.path, body)
-            self.send_response(response.status)
-            for name, value in response.headers:
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(response.body or b"")))
-            self.end_headers()
-            if response.body:
-                self.wfile.write(response.body)
-
-        def __getattr__(self, name: str):
-            # every method (QUERY, TRACE, ...) reaches handle(), as in Firecracker's server;
-            # HEAD is left out (its answer must have no body)
-            if name.startswith("do_") and name != "do_HEAD":
-                return self._serve
-            raise AttributeError(name)
-
-        def address_string(self) -> str:  # a Unix socket has no client address
-            return "unix"
-
-        def log_message(self, format: str, *args) -> None:
-            pass
-
-    return Handler
 
 
 def _session(sock: Path):
@@ -81,33 +44,38 @@ def _session(sock: Path):
     return session
 
 
-class _UnixServer(socketserver.ThreadingUnixStreamServer):
-    """A thread per connection: a client's idle keep-alive connection cannot block the next
-    client (requests reach handle() one at a time all the same: the test is sequential)."""
-
-    daemon_threads = True
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    sock = tmp_path_factory.mktemp("fcapi") / "api.sock"
-    machine = Machine(id="schemathesis")
-    api = FirecrackerApi(machine)
-    srv = _UnixServer(str(sock), _handler_class(api))
-    thread = threading.Thread(target=srv.serve_forever, name="fc-api-harness", daemon=True)
-    thread.start()
-    yield sock
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
-    machine.close()
+    """The real front end, ``python -m embervm.fc.cli --api-sock S``, in a scratch directory:
+    generated bodies name files (metrics_path, log_path, ...) that must not land in the
+    checkout."""
+    tmp = tmp_path_factory.mktemp("fcapi")
+    sock = tmp / "api.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "embervm.fc.cli", "--api-sock", str(sock),
+                             "--id", "schemathesis"], cwd=tmp, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "no API socket within 30 s"
+            time.sleep(0.01)
+        yield sock
+        # Whatever was thrown at it, the server is still up and answers.
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-3000:]
+        session = _session(sock)
+        assert session.get("http://fc-api/", timeout=10).status_code == 200
+        session.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 schema = schemathesis.openapi.from_path(str(SPEC)).exclude(path_regex=r"^/(actions|snapshot)")
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, phases=[Phase.generate],
+@settings(max_examples=MAX_EXAMPLES, deadline=None, phases=[Phase.generate], derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_swagger(case, server):
     from schemathesis import checks
@@ -132,4 +100,8 @@ def test_api_conforms_to_swagger(case, server):
     else:
         assert response.headers.get("content-type") == ["application/json"], response.headers
         body = response.json()
+    if case.formatted_path == "/mmds" and case.method == "GET" and not isinstance(body, dict):
+        # Firecracker's code stores any JSON value that PUT /mmds gets (serde Value), while
+        # its swagger declares an object; embervm follows the code (docs/firecracker.md).
+        return
     validate_response(case.method, case.formatted_path, response.status_code, body)
