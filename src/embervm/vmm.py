@@ -162,8 +162,8 @@ class Vmm:
         self.tsc_khz = self._tsc_khz()
         kernel = config.kernel or images.default_kernel()
         initrd = config.initrd
-        if initrd is None and config.kernel is None:
-            initrd = images.default_initrd()
+        if initrd is None and config.kernel is None and self._root_disk is None:
+            initrd = images.default_initrd()  # a root disk boots its own init, not busybox's
         self.cmdline = self._cmdline()
         self.boot: BootInfo = setup_boot(self.mem, kernel, initrd, self.cmdline, config.vcpus)
         self._setup_vcpus(self.boot.cpu)
