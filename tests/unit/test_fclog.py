@@ -201,3 +201,10 @@ def test_exceptions_are_in_the_line():
         logging.getLogger("embervm.vmm").exception("failed")
     text = out.getvalue()
     assert "] failed\nTraceback" in text and "ValueError: boom" in text
+
+
+def test_origin_of_embervm_code_is_relative_to_the_package():
+    path = os.path.join(os.path.dirname(fclog.__file__), "devices", "virtio", "block.py")
+    rec = logging.LogRecord("embervm.devices.virtio.block", logging.INFO, path, 42, "m", None,
+                            None)
+    assert fclog.FcFormatter.origin(rec) == "embervm/devices/virtio/block.py:42"

@@ -264,3 +264,25 @@ def test_fclog_missed_log_count_is_reported(tmp_path):
         assert lines(tmp_path / "m")[0]["logger"]["missed_log_count"] == before + 3
     finally:
         fclog.counters["missed_log_count"] = before
+
+
+def test_a_refused_line_is_counted_and_its_increases_carried(tmp_path, monkeypatch):
+    import embervm.metrics as m
+
+    src = Source({"net_eth0": {"rx_count": 5}})
+    w = MetricsWriter(tmp_path / "m", src)
+    real_write = os.write
+
+    def full_pipe(fd, data):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(m.os, "write", full_pipe)
+    w.write()
+    monkeypatch.setattr(m.os, "write", real_write)
+    assert w.counters["missed_metrics_count"] == 1
+    src.groups["net_eth0"]["rx_count"] = 7
+    w.write()
+    w.close()
+    (line,) = lines(tmp_path / "m")
+    assert line["net_eth0"]["rx_count"] == 7 and line["net"]["rx_count"] == 7
+    assert line["logger"]["missed_metrics_count"] == 1
