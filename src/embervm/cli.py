@@ -1,7 +1,14 @@
-"""``embervm`` command line.
+"""``embervm`` command line (``run``, ``demo``), on :mod:`argparse`.
 
 Every bad input ends with a one-line error that says what to fix and exit status 2, never a
-traceback.  Exit statuses of ``run`` are documented in ``embervm.vmm``.
+traceback: argparse's own usage errors too (:class:`_Parser` overrides ``error``).  Exit
+statuses of ``run`` are documented in ``embervm.vmm``.
+
+Start-up cost matters (the time from ``embervm run`` to the first ``KVM_RUN`` is a benchmark
+against QEMU), so this module imports only ``argparse`` at load time: the configuration classes,
+``pathlib`` and ``logging`` are imported when a command needs them, and the help formatter is
+given the terminal width itself so argparse never imports ``shutil`` (which pulls in the bz2,
+lzma and zlib modules).
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ def _firecracker_invocation(argv: list[str]) -> bool:
     """True when this process is meant to be Firecracker (embervm.fc.cli): run under the name
     ``firecracker`` (a symlink or copy; also a release-style ``firecracker-v1.16.1-x86_64``),
     or as ``embervm`` (the console script or ``python -m embervm``) whose first argument is a
-    flag other than click's ``--help``/``--version`` (``embervm --api-sock S``).  Anything
-    else that merely imports this module (tests, tools) keeps the click CLI."""
+    flag other than embervm's own ``--help``/``--version`` (``embervm --api-sock S``).
+    Anything else that merely imports this module (tests, tools) keeps the embervm CLI."""
     if not argv:
         return False
     name = os.path.basename(argv[0])
@@ -28,48 +35,63 @@ def _firecracker_invocation(argv: list[str]) -> bool:
 
 
 if _firecracker_invocation(sys.argv):
-    # before importing click: the Firecracker front end must bind its socket within ms
+    # before any other import: the Firecracker front end must bind its socket within ms
     from .fc.cli import main as _firecracker_main
 
     _firecracker_main()
 
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import click  # noqa: E402
+import argparse  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import (  # noqa: E402
-    BalloonConfig,
-    ConsoleConfig,
-    DiskConfig,
-    NetConfig,
-    SerialConfig,
-    VmConfig,
-    VsockConfig,
-)
-from .errors import ConfigError, EmbervmError  # noqa: E402
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .config import (
+        BalloonConfig,
+        ConsoleConfig,
+        DiskConfig,
+        NetConfig,
+        SerialConfig,
+        VmConfig,
+        VsockConfig,
+    )
 
 EXIT_CONFIG = 2
 
 
+# -- option values ----------------------------------------------------------------------------
+
+
 def parse_disk(spec: str) -> DiskConfig:
-    """``PATH[,ro][,id=ID]``"""
+    """``PATH[,ro][,root][,id=ID]``: a raw image; ``ro`` attaches it read-only, ``root`` makes
+    it the root device (``/dev/vda``, ``root=/dev/vda`` on the kernel command line), ``id`` is
+    its name and virtio-blk serial."""
+    from pathlib import Path
+
+    from .config import DiskConfig
+    from .errors import ConfigError
+
     parts = spec.split(",")
     if not parts[0]:
-        raise ConfigError(f"--disk {spec!r}: expected PATH[,ro][,id=ID]")
+        raise ConfigError(f"--disk {spec!r}: expected PATH[,ro][,root][,id=ID]")
     disk = DiskConfig(Path(parts[0]))
     for opt in parts[1:]:
         if opt == "ro":
             disk.read_only = True
+        elif opt == "root":
+            disk.is_root_device = True
         elif opt.startswith("id="):
             disk.id = opt[3:]
         else:
-            raise ConfigError(f"--disk {spec!r}: unknown option {opt!r} (use ro or id=ID)")
+            raise ConfigError(
+                f"--disk {spec!r}: unknown option {opt!r} (use ro, root or id=ID)")
     return disk
 
 
 def _options(flag: str, spec: str) -> dict[str, str]:
+    """``key=value,key=value`` as a dict; anything else is a ConfigError naming ``flag``."""
+    from .errors import ConfigError
+
     opts = {}
     for part in spec.split(","):
         key, eq, value = part.partition("=")
@@ -81,6 +103,9 @@ def _options(flag: str, spec: str) -> dict[str, str]:
 
 def parse_net(spec: str) -> NetConfig:
     """``tap=NAME[,mac=XX:XX:XX:XX:XX:XX]``"""
+    from .config import NetConfig
+    from .errors import ConfigError
+
     opts = _options("--net", spec)
     unknown = set(opts) - {"tap", "mac"}
     if unknown or "tap" not in opts:
@@ -89,6 +114,12 @@ def parse_net(spec: str) -> NetConfig:
 
 
 def parse_console(spec: str) -> ConsoleConfig:
+    """``stdio`` or ``socket:PATH``"""
+    from pathlib import Path
+
+    from .config import ConsoleConfig
+    from .errors import ConfigError
+
     if spec == "stdio":
         return ConsoleConfig("stdio")
     if spec.startswith("socket:") and len(spec) > 7:
@@ -98,6 +129,11 @@ def parse_console(spec: str) -> ConsoleConfig:
 
 def parse_vsock(spec: str) -> VsockConfig:
     """``cid=N,uds=PATH``"""
+    from pathlib import Path
+
+    from .config import VsockConfig
+    from .errors import ConfigError
+
     opts = _options("--vsock", spec)
     if set(opts) != {"cid", "uds"}:
         raise ConfigError(f"--vsock {spec!r}: expected cid=N,uds=PATH")
@@ -110,6 +146,9 @@ def parse_vsock(spec: str) -> VsockConfig:
 
 def parse_balloon(spec: str) -> BalloonConfig:
     """``MIB[,deflate-on-oom][,stats=SECONDS]``"""
+    from .config import BalloonConfig
+    from .errors import ConfigError
+
     first, *rest = spec.split(",")
     try:
         cfg = BalloonConfig(int(first))
@@ -131,6 +170,12 @@ def parse_balloon(spec: str) -> BalloonConfig:
 
 
 def parse_serial(spec: str) -> SerialConfig:
+    """``stdio``, ``null`` or ``file:PATH``"""
+    from pathlib import Path
+
+    from .config import SerialConfig
+    from .errors import ConfigError
+
     if spec == "stdio":
         return SerialConfig("stdio")
     if spec == "null":
@@ -140,71 +185,61 @@ def parse_serial(spec: str) -> SerialConfig:
     raise ConfigError(f"--serial {spec!r}: expected stdio, null or file:PATH")
 
 
+def config_from_args(args: argparse.Namespace) -> VmConfig:
+    """The :class:`VmConfig` that ``embervm run``'s parsed options describe.  Bad option values
+    raise :class:`ConfigError` (the VMM validates the rest, e.g. that files exist)."""
+    from pathlib import Path
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="embervm")
-def cli() -> None:
-    """embervm: a small, hackable microVM monitor on Linux KVM."""
+    from .config import VmConfig
+    from .errors import ConfigError
+
+    disks = [parse_disk(d) for d in args.disks]
+    roots = [d for d in disks if d.is_root_device]
+    if len(roots) > 1:
+        raise ConfigError(f"--disk {roots[1].path},root: only one disk can be the root device "
+                          f"({roots[0].path} is already)")
+    append = args.append
+    if args.shell:
+        append = (append + " guest.shell").strip()
+    return VmConfig(
+        kernel=Path(args.kernel) if args.kernel is not None else None,
+        initrd=Path(args.initrd) if args.initrd is not None else None,
+        cmdline=args.cmdline, append=append, mem_mib=args.mem_mib, vcpus=args.vcpus,
+        disks=disks, serial=parse_serial(args.serial), rng=args.rng,
+        nets=[parse_net(n) for n in args.nets],
+        console=parse_console(args.console) if args.console is not None else None,
+        vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
+        balloon=parse_balloon(args.balloon) if args.balloon is not None else None,
+        control=Path(args.control) if args.control is not None else None,
+    )
 
 
-@cli.command()
-@click.option("--kernel", type=click.Path(path_type=Path, dir_okay=True),
-              help="vmlinux (PVH ELF) or bzImage; default: the embedded guest kernel")
-@click.option("--initrd", type=click.Path(path_type=Path, dir_okay=True),
-              help="initramfs (cpio); default with the embedded kernel: its busybox initramfs")
-@click.option("--cmdline", default=None,
-              help="kernel command line replacing the default (required + recommended words)")
-@click.option("--append", default="", help="words added to the kernel command line")
-@click.option("--mem", "mem_mib", type=int, default=256, show_default=True,
-              help="guest memory in MiB")
-@click.option("--vcpus", type=int, default=1, show_default=True, help="number of vCPUs")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,id=ID]",
-              help="raw disk image as virtio-blk (repeatable: vda, vdb, ...)")
-@click.option("--serial", default="stdio", show_default=True, metavar="stdio|file:PATH|null",
-              help="where the guest's serial console goes")
-@click.option("--rng", is_flag=True, help="add a virtio-rng entropy device")
-@click.option("--net", "nets", multiple=True, metavar="tap=NAME[,mac=MAC]",
-              help="virtio-net on a TAP device (repeatable); created if absent and root")
-@click.option("--console", "console", default=None, metavar="stdio|socket:PATH",
-              help="virtio-console port 0 (guest hvc0) on stdio or a Unix socket")
-@click.option("--vsock", "vsock", default=None, metavar="cid=N,uds=PATH",
-              help="virtio-vsock, Firecracker-style host side on Unix sockets")
-@click.option("--balloon", "balloon", default=None, metavar="MIB[,deflate-on-oom][,stats=S]",
-              help="virtio-balloon with an initial target")
-@click.option("--control", "control", type=click.Path(path_type=Path), default=None,
-              help="control socket (line protocol, see docs/DEVICES.md)")
-@click.option("--shell", is_flag=True,
-              help="with the embedded guest: an interactive shell instead of exiting")
-@click.option("-v", "--verbose", count=True, help="log more (-v info, -vv debug)")
-def run(kernel, initrd, cmdline, append, mem_mib, vcpus, disks, serial, rng, nets, console,
-        vsock, balloon, control, shell, verbose) -> None:
-    """Boot a VM and serve it until the guest exits."""
+# -- commands ---------------------------------------------------------------------------------
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``embervm run``: build the VM, serve it until the guest exits; returns the exit status
+    (0 reboot/power-off, 1 crash, 2 bad configuration, 128+N signal N)."""
+    import logging
+
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(verbose, 2),
+        level=logging.WARNING - 10 * min(args.verbose, 2),
         format="embervm: %(levelname)s %(name)s: %(message)s",
     )
+    from .errors import EmbervmError
+
     try:
-        config = VmConfig(
-            kernel=kernel, initrd=initrd, cmdline=cmdline, append=append, mem_mib=mem_mib,
-            vcpus=vcpus, disks=[parse_disk(d) for d in disks], serial=parse_serial(serial),
-            rng=rng, nets=[parse_net(n) for n in nets],
-            console=parse_console(console) if console else None,
-            vsock=parse_vsock(vsock) if vsock else None,
-            balloon=parse_balloon(balloon) if balloon else None,
-            control=control,
-        )
-        if shell:
-            config.append = (config.append + " guest.shell").strip()
+        config = config_from_args(args)
         from .vmm import Vmm  # imported late: `embervm --help` must not need KVM
 
         vmm = Vmm(config)
     except EmbervmError as e:
-        click.echo(f"embervm: error: {e}", err=True)
-        sys.exit(EXIT_CONFIG)
+        _say(f"embervm: error: {e}")
+        return EXIT_CONFIG
     status = vmm.run()
-    if status not in (0,) and vmm.exit_reason:
-        click.echo(f"embervm: {vmm.exit_reason}", err=True)
-    sys.exit(status)
+    if status != 0 and vmm.exit_reason:
+        _say(f"embervm: {vmm.exit_reason}")
+    return status
 
 
 DEMO_SCRIPT = r"""
@@ -226,25 +261,145 @@ echo "=== rebooting: embervm exits with status 0"
 """
 
 
-@cli.command()
-@click.option("--vcpus", type=int, default=2, show_default=True)
-@click.pass_context
-def demo(ctx: click.Context, vcpus: int) -> None:
-    """Boot the embedded guest with a virtio disk and entropy device, show what it sees, exit."""
+def demo_command(args: argparse.Namespace) -> int:
+    """``embervm demo``: ``embervm run`` of the embedded guest with :data:`DEMO_SCRIPT` on a
+    read-only script disk (``guest.script=/dev/vda``) and virtio-rng; returns its status."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="embervm-demo-") as tmp:
-        disk = Path(tmp) / "demo-script.img"
+        disk = os.path.join(tmp, "demo-script.img")
         data = DEMO_SCRIPT.encode()
-        disk.write_bytes(data + b"\0" * (-len(data) % 4096))
-        ctx.invoke(run, kernel=None, initrd=None, cmdline=None, append="guest.script=/dev/vda",
-                   mem_mib=256, vcpus=vcpus, disks=(f"{disk},ro",), serial="stdio", rng=True,
-                   nets=(), console=None, vsock=None, balloon=None, control=None, shell=False,
-                   verbose=0)
+        try:
+            with open(disk, "wb") as f:
+                f.write(data + b"\0" * (-len(data) % 4096))
+        except OSError as e:  # a host problem, not bad input: status 1
+            _say(f"embervm: error: demo: cannot write its script disk {disk}: {e.strerror}")
+            return 1
+        run_args = build_parser().parse_args(
+            ["run", "--append", "guest.script=/dev/vda", "--disk", f"{disk},ro", "--rng",
+             "--vcpus", str(args.vcpus)])
+        return run_command(run_args)
 
 
-def main() -> None:
-    cli()
+# -- the parser -------------------------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    """One line on stderr (errors and exit reasons)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+_width: int | None = None
+
+
+def _help_width() -> int:
+    """argparse's help width (``COLUMNS``, else the terminal's, else 80; minus 2 as argparse
+    does), found without ``shutil``; computed once, since argparse makes a formatter per
+    option."""
+    global _width
+    if _width is None:
+        try:
+            cols = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            cols = 0
+        if cols <= 0:
+            try:
+                cols = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                cols = 80
+        _width = max(cols, 40) - 2
+    return _width
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter with the width from :func:`_help_width` and wider option column."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=_help_width())
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, ``embervm: error: ...`` plus where
+    the help is, and exit status 2, like every other bad input of ``embervm``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = " ".join(message.split())  # argparse may wrap a choice list
+        _say(f"embervm: error: {message} (see {self.prog} --help)")
+        sys.exit(EXIT_CONFIG)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``embervm`` parser: ``--version``, ``-h/--help`` and the ``run`` and ``demo``
+    commands; each command's handler is ``args.func(args) -> int`` (the exit status), and
+    ``args.command_parser`` is the command's own parser (for its usage errors)."""
+    top = _Parser(prog="embervm", formatter_class=_Formatter, allow_abbrev=False,
+                  usage="%(prog)s [-h] [--version] COMMAND [OPTIONS]",
+                  description="embervm: a small, hackable microVM monitor on Linux KVM.")
+    top.add_argument("--version", action="version", version=f"embervm, version {__version__}")
+    commands = top.add_subparsers(title="commands", metavar="COMMAND", dest="command")
+
+    run = commands.add_parser(
+        "run", help="Boot a VM and serve it until the guest exits.",
+        description="Boot a VM and serve it until the guest exits.",
+        prog="embervm run", usage="%(prog)s [OPTIONS]", formatter_class=_Formatter,
+        allow_abbrev=False)
+    run.set_defaults(func=run_command, command_parser=run)
+    opt = run.add_argument
+    opt("--kernel", metavar="PATH",
+        help="vmlinux (PVH ELF) or bzImage; default: the embedded guest kernel")
+    opt("--initrd", metavar="PATH",
+        help="initramfs (cpio); default with the embedded kernel and no root disk: its busybox "
+             "initramfs")
+    opt("--cmdline", metavar="TEXT",
+        help="kernel command line replacing the default (required + recommended words)")
+    opt("--append", default="", metavar="TEXT", help="words added to the kernel command line")
+    opt("--mem", dest="mem_mib", type=int, default=256, metavar="MIB",
+        help="guest memory in MiB (default: %(default)s)")
+    opt("--vcpus", type=int, default=1, metavar="N", help="number of vCPUs (default: %(default)s)")
+    opt("--disk", dest="disks", action="append", default=[], metavar="PATH[,ro][,root][,id=ID]",
+        help="raw disk image as virtio-blk (repeatable: vda, vdb, ...); root: the root device "
+             "(vda, root=/dev/vda; no default initramfs)")
+    opt("--serial", default="stdio", metavar="stdio|file:PATH|null",
+        help="where the guest's serial console goes (default: %(default)s)")
+    opt("--rng", action="store_true", help="add a virtio-rng entropy device")
+    opt("--net", dest="nets", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+        help="virtio-net on a TAP device (repeatable); created if absent and root")
+    opt("--console", metavar="stdio|socket:PATH",
+        help="virtio-console port 0 (guest hvc0) on stdio or a Unix socket")
+    opt("--vsock", metavar="cid=N,uds=PATH",
+        help="virtio-vsock, Firecracker-style host side on Unix sockets")
+    opt("--balloon", metavar="MIB[,deflate-on-oom][,stats=S]",
+        help="virtio-balloon with an initial target")
+    opt("--control", metavar="PATH", help="control socket (line protocol, see docs/DEVICES.md)")
+    opt("--shell", action="store_true",
+        help="with the embedded guest: an interactive shell instead of exiting")
+    opt("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+
+    demo = commands.add_parser(
+        "demo", help="Boot the embedded guest with a virtio disk and entropy device, show what "
+                     "it sees, exit.",
+        description="Boot the embedded guest with a virtio disk and entropy device, show what it "
+                    "sees, exit.",
+        prog="embervm demo", usage="%(prog)s [OPTIONS]", formatter_class=_Formatter,
+        allow_abbrev=False)
+    demo.set_defaults(func=demo_command, command_parser=demo)
+    demo.add_argument("--vcpus", type=int, default=2, metavar="N",
+                      help="number of vCPUs (default: %(default)s)")
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``embervm`` console script: parse ``argv`` (default ``sys.argv[1:]``), run the
+    command, exit with its status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}" if extra
+                     else "expected a command: run or demo")
+    if extra:  # reported by the command's parser, so the hint names its --help
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    sys.exit(args.func(args))
 
 
 if __name__ == "__main__":
