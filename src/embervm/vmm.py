@@ -33,6 +33,7 @@ import threading
 import time
 import tty
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import images
 from .boot import BootInfo, CpuBootState, Segment, setup_boot
@@ -48,9 +49,7 @@ from .devices.legacy.i8042 import I8042
 from .devices.legacy.misc import CmosAbsent, PortSink
 from .devices.legacy.serial import Serial
 from .devices.manager import VIRTIO_IRQS, VIRTIO_MMIO_BASE, DeviceManager, VirtioSlot
-from .devices.virtio.block import Block
 from .devices.virtio.device import VirtioDevice
-from .devices.virtio.rng import Rng
 from .errors import ConfigError, EmbervmError, KvmError, StateError
 from .eventloop import EventLoop
 from .host import host_profile
@@ -58,6 +57,9 @@ from .kvm import ioctls as kvmio
 from .kvm import kvm as kvmmod
 from .kvm.cpuid import build_cpuid
 from .memory import GuestMemory
+
+if TYPE_CHECKING:
+    from .devices.virtio.block import Block
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,8 @@ class Vmm:
 
     @staticmethod
     def _block(d) -> Block:
+        from .devices.virtio.block import Block  # only runs with drives import it
+
         kwargs = {}
         # Firecracker's drive options, passed only when set, so Block's defaults stay its own.
         if d.cache_type != "Unsafe":
@@ -641,6 +645,8 @@ def _optional_devices(config: VmConfig) -> list[tuple[VirtioDevice, str | None]]
         devices.append((Balloon(b.target_mib, deflate_on_oom=b.deflate_on_oom,
                                 stats_seconds=b.stats_seconds), "balloon"))
     if config.rng:
+        from .devices.virtio.rng import Rng  # with its rate limiter (embervm.ratelimit)
+
         kwargs = {}
         if config.rng_rate_limiter is not None:
             kwargs["rate_limiter"] = config.rng_rate_limiter
