@@ -158,6 +158,7 @@ def exit_of(capsys, *argv: str) -> tuple[int, str, str]:
         (("run", "--disk"), "argument --disk: expected one argument"),
         (("run", "--bogus", "x"), "unrecognized arguments: --bogus x (see embervm run --help)"),
         (("run", "--kern", "/k"), "unrecognized arguments: --kern"),  # no abbreviations
+        (("--vers",), "unrecognized arguments: --vers"),
         (("demo", "--vcpus", "two"), "(see embervm demo --help)"),
         (("-x",), "unrecognized arguments: -x (see embervm --help)"),
     ],
