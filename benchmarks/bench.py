@@ -56,7 +56,7 @@ except ImportError:  # running from a checkout without installing
 from embervm import images  # noqa: E402
 from embervm.config import CMDLINE_EMBERVM, CMDLINE_RECOMMENDED, CMDLINE_REQUIRED  # noqa: E402
 
-METRIC_GROUPS = ("boot", "exit", "blk", "net", "vsock", "rss", "start")
+METRIC_GROUPS = ("boot", "exit", "blk", "net", "vsock", "rss", "start", "api")
 QEMU = "qemu-system-x86_64"
 # The reference command of guest/README.md: microvm without ACPI, the CPU model that works on
 # the PVM host, an i8042 so the guest's reboot=k ends QEMU.
@@ -73,7 +73,15 @@ VSOCK_PORT = 5202
 # (group, key, label, unit, higher_is_better, target as (comparison, value) or None)
 METRICS: list[tuple[str, str, str, str, bool, tuple[str, float] | None]] = [
     ("boot", "boot", "boot: start -> GUEST-READY", "s", False, ("<=", 0.80)),
-    ("start", "start", "start -> first KVM_RUN", "ms", False, None),
+    ("start", "start", "start -> first KVM_RUN", "ms", False, ("<=", 1.0)),
+    ("api", "api_sock", "API socket accepting after exec (QEMU: QMP)", "ms", False,
+     ("abs<=", 50.0)),
+    ("api", "api_istart", "InstanceStart -> first KVM_RUN", "ms", False, ("abs<=", 20.0)),
+    ("api", "api_get_p50", "GET / latency, median (QEMU: QMP query-status)", "us", False,
+     None),
+    ("api", "api_get_p99", "GET / latency, p99 (QEMU: QMP query-status)", "us", False, None),
+    ("api", "api_patch_p50", "PATCH /machine-config latency, median", "us", False, None),
+    ("api", "api_patch_p99", "PATCH /machine-config latency, p99", "us", False, None),
     ("exit", "pio_out", "exit: PIO out (port 0x80 sink)", "us", False, ("<=", 1.10)),
     ("exit", "mmio_write", "exit: MMIO write (virtio ACK)", "us", False, ("<=", 1.10)),
     ("exit", "pio_in", "exit: PIO in (8250 LSR)", "us", False, None),
@@ -477,6 +485,17 @@ def bench_start(s: Settings, art: Artifacts, samples: Samples) -> None:
                 log(f"start run {i + 1} {vmm}: first KVM_RUN after {value * 1000:.1f} ms")
 
 
+def bench_api(s: Settings, art: Artifacts, samples: Samples) -> None:
+    """The control plane against QEMU's QMP: benchmarks/api_bench.py (one untimed round first,
+    so both run from a warm page cache and embervm from its compiled bytecode)."""
+    sys.path.insert(0, str(HERE))
+    import api_bench
+
+    api_bench.measure(art.kernel_base, art.initrd, 1, 50)
+    api_bench.measure(art.kernel_base, art.initrd, s.runs, 1000, samples.add)
+    log("api: done")
+
+
 def landed(path: str) -> bool:
     """Whether ``path`` is part of the checkout's committed tree (a device being written in the
     work tree right now is not ready to be measured); without git, whether it exists."""
@@ -701,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     art = prepare(s)
     samples = Samples()
     # Cheapest first, so a broken set-up shows early.  A failing group is noted, not fatal.
-    steps = [("start", bench_start), ("exit", bench_exits), ("guest", bench_guest),
+    steps = [("start", bench_start), ("api", bench_api), ("exit", bench_exits),
+             ("guest", bench_guest),
              ("net", bench_net), ("vsock", bench_vsock)]
     for name, step in steps:
         wanted = {"boot", "blk", "rss"} & set(groups) if name == "guest" else name in groups

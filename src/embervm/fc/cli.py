@@ -445,6 +445,8 @@ def _serve(args: dict, signals: _Signals) -> int:
                          "json")
         if signals.received is not None:  # a signal during start-up: do not serve
             machine.shutdown(128 + signals.received)
+        elif not machine.started:
+            _warm_up()
         status = machine.serve()
         return EXIT_GENERIC if status is None else status
     finally:
@@ -461,6 +463,25 @@ def _serve(args: dict, signals: _Signals) -> int:
             except Exception as e:  # the process is ending: say so, keep the exit status
                 print(f"embervm: closing the VM failed: {type(e).__name__}: {e}",
                       file=sys.stderr)
+
+
+def _warm_up() -> None:
+    """Import what InstanceStart needs (the VMM, KVM bindings, boot loaders, devices: ~100 ms
+    of imports) on a background thread while the API waits for its first requests, so that
+    InstanceStart -> first KVM_RUN is only the VM's construction.  The socket is already
+    accepting; a request that needs one of these modules meanwhile waits on Python's import
+    lock, as it would have imported it itself."""
+    import logging
+    import threading
+
+    def imports() -> None:
+        try:
+            from .. import vmm  # noqa: F401
+            from ..devices.virtio import balloon, block, net, rng, vsock  # noqa: F401
+        except Exception:  # a broken install fails InstanceStart with its error; note it here too
+            logging.getLogger("embervm.fc").debug("warm-up import failed", exc_info=True)
+
+    threading.Thread(target=imports, name="warm-up", daemon=True).start()
 
 
 def _run(argv: list[str] | None) -> tuple[int, int | None]:
