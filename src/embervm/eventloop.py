@@ -23,6 +23,20 @@ log = logging.getLogger(__name__)
 Callback = Callable[[], None]
 
 
+def _drained(fd: int, callback: Callback) -> Callback:
+    """``callback`` behind a read of eventfd ``fd``'s counter (a spurious wake-up with the
+    counter already 0 calls nothing)."""
+
+    def drain_then_call() -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        callback()
+
+    return drain_then_call
+
+
 class TimerHandle:
     __slots__ = ("when", "callback", "cancelled")
 
@@ -98,15 +112,7 @@ class EventLoop:
 
     def add_eventfd(self, fd: int, callback: Callback) -> None:
         """Like :meth:`add_reader` for an eventfd: the counter is drained before ``callback``."""
-
-        def drain_then_call() -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                return
-            callback()
-
-        self.add_reader(fd, drain_then_call)
+        self.add_reader(fd, _drained(fd, callback))
 
     def call_later(self, delay: float, callback: Callback) -> TimerHandle:
         """Run ``callback`` once after ``delay`` seconds (loop thread only)."""
@@ -215,14 +221,7 @@ class GatedLoop:
         self.loop.remove_writer(fd)
 
     def add_eventfd(self, fd: int, callback: Callback) -> None:
-        def drain_then_call() -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                return
-            callback()
-
-        self.add_reader(fd, drain_then_call)
+        self.add_reader(fd, _drained(fd, callback))
 
     def call_later(self, delay: float, callback: Callback) -> TimerHandle:
         return self.loop.call_later(delay, lambda: self._gated(callback))

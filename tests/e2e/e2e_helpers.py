@@ -5,9 +5,11 @@ kernels, and read what the guest printed.  Every failure message carries the con
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,3 +122,41 @@ def build_guest_helper(name: str, outdir: Path) -> Path:
     subprocess.run([gcc, "-static", "-O2", "-s", "-o", str(out), str(src)], check=True,
                    capture_output=True, timeout=300)
     return out
+
+
+class ConsoleLog:
+    """A guest console collected as it arrives: :meth:`write` takes bytes (a Machine's
+    ``serial_out``), :meth:`pump` reads a stream (a VMM process's stdout) on a thread;
+    :meth:`wait_for` waits for a pattern, failing the scenario step after ``timeout``."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.cond = threading.Condition()
+
+    def write(self, data: bytes) -> None:
+        with self.cond:
+            self.data += data
+            self.cond.notify_all()
+
+    def pump(self, stream) -> ConsoleLog:
+        def run() -> None:
+            while chunk := stream.read1(4096):
+                self.write(chunk)
+
+        threading.Thread(target=run, daemon=True).start()
+        return self
+
+    def text(self) -> str:
+        with self.cond:
+            return self.data.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not (m := rx.search(self.data.decode(errors="replace"))):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StepFailed(f"no {pattern!r} on the console within {timeout} s")
+                self.cond.wait(left)
+            return m

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import Record, StepFailed, script_disk
+from e2e_helpers import ConsoleLog, Record, StepFailed, script_disk
 from fc_client import Api, wait_for_socket
 
 LIMITED_BYTES = 1 << 20
@@ -55,36 +55,6 @@ while :; do
     sleep 0.2
 done
 """
-
-
-class Output:
-    """The VMM's stdout (the guest's serial console), collected by a thread."""
-
-    def __init__(self, stream) -> None:
-        self.data = bytearray()
-        self.cond = threading.Condition()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        while chunk := stream.read1(4096):
-            with self.cond:
-                self.data += chunk
-                self.cond.notify_all()
-
-    def text(self) -> str:
-        with self.cond:
-            return self.data.decode(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not (m := rx.search(self.data.decode(errors="replace"))):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise StepFailed(f"no {pattern!r} on the console within {timeout} s")
-                self.cond.wait(left)
-            return m
 
 
 def _raw(sock: str, data: bytes, *, read: bool = True) -> bytes:
@@ -185,7 +155,7 @@ def scenario(tmp_path_factory, kernel_full, initrd_busybox) -> Record:
     proc = subprocess.Popen([str(fc), "--api-sock", sock, "--id", "e2e-vm"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    out = Output(proc.stdout)
+    out = ConsoleLog().pump(proc.stdout)
     api = Api(sock)
     try:
         wait_for_socket(sock, proc)

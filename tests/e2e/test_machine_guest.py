@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import Record, StepFailed, script_disk
+from e2e_helpers import ConsoleLog, Record, StepFailed, script_disk
 
 from embervm import Machine
 from embervm.config import DiskConfig
@@ -41,39 +40,11 @@ done
 """
 
 
-class Console:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.cond = threading.Condition()
-
-    def write(self, data: bytes) -> None:
-        with self.cond:
-            self.data += data
-            self.cond.notify_all()
-
-    def text(self) -> str:
-        with self.cond:
-            return self.data.decode(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        with self.cond:
-            while True:
-                m = rx.search(self.data.decode(errors="replace"), start)
-                if m:
-                    return m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise StepFailed(f"no {pattern!r} on the console within {timeout} s")
-                self.cond.wait(left)
-
-
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, kernel_full, initrd_busybox) -> Record:
     tmp = tmp_path_factory.mktemp("machine")
     rec = Record()
-    console = Console()
+    console = ConsoleLog()
     old = tmp / "old.img"
     old.write_bytes(b"OLD-IMAGE-DATA!!".ljust(1 << 20, b"\0"))
     new = tmp / "new.img"
