@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from ratelimit_helpers import Spy, bandwidth, ops
 from test_net import Guest, frame, pattern, vhdr
 
 from embervm.config import BucketConfig, RateLimitConfig
@@ -18,27 +19,6 @@ from embervm.devices.virtio.net import FC_NET_METRICS, RXQ, TXQ
 HDR = 12
 
 
-class Spy:
-    """A RateLimiter that records the token counts asked of ``consume``."""
-
-    def __init__(self, limiter) -> None:
-        self.limiter = limiter
-        self.calls: list[int] = []
-
-    def consume(self, tokens, kind) -> bool:
-        self.calls.append(tokens)
-        return self.limiter.consume(tokens, kind)
-
-    def __getattr__(self, name):
-        return getattr(self.limiter, name)
-
-
-def ops(size: int, refill_ms: int) -> RateLimitConfig:
-    return RateLimitConfig(ops=BucketConfig(size=size, refill_time_ms=refill_ms))
-
-
-def bandwidth(size: int, refill_ms: int) -> RateLimitConfig:
-    return RateLimitConfig(bandwidth=BucketConfig(size=size, refill_time_ms=refill_ms))
 
 
 def count_timers(g: Guest) -> list[float]:

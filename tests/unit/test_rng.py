@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from ratelimit_helpers import Spy, bandwidth, ops
 
 from embervm.config import BucketConfig, RateLimitConfig
 from embervm.devices.virtio import spec
@@ -21,27 +22,6 @@ FC_ENTROPY_METRICS = ("activate_fails", "entropy_event_fails", "entropy_event_co
                       "rate_limiter_event_count")
 
 
-class Spy:
-    """A RateLimiter that records the token counts asked of ``consume``."""
-
-    def __init__(self, limiter) -> None:
-        self.limiter = limiter
-        self.calls: list[int] = []
-
-    def consume(self, tokens, kind) -> bool:
-        self.calls.append(tokens)
-        return self.limiter.consume(tokens, kind)
-
-    def __getattr__(self, name):
-        return getattr(self.limiter, name)
-
-
-def ops(size: int, refill_ms: int) -> RateLimitConfig:
-    return RateLimitConfig(ops=BucketConfig(size=size, refill_time_ms=refill_ms))
-
-
-def bandwidth(size: int, refill_ms: int) -> RateLimitConfig:
-    return RateLimitConfig(bandwidth=BucketConfig(size=size, refill_time_ms=refill_ms))
 
 
 class Counter:
