@@ -329,6 +329,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_CONFIG)
 
 
+def _host_epilog() -> str:
+    from .host import host_profile
+
+    return (f"Host profile: {host_profile().description}. On a PVM host (kvm_pvm loaded) the "
+            "guest kernel needs extra command-line words, which embervm adds there only "
+            "(also to --cmdline); EMBERVM_HOST_PROFILE=kvm|pvm overrides the detection.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``embervm`` parser: ``--version``, ``-h/--help`` and the ``run`` and ``demo``
     commands; each command's handler is ``args.func(args) -> int`` (the exit status), and
@@ -343,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="Boot a VM and serve it until the guest exits.",
         description="Boot a VM and serve it until the guest exits.",
         prog="embervm run", usage="%(prog)s [OPTIONS]", formatter_class=_Formatter,
-        allow_abbrev=False)
+        allow_abbrev=False, epilog=_host_epilog())
     run.set_defaults(func=run_command, command_parser=run)
     opt = run.add_argument
     opt("--kernel", metavar="PATH",

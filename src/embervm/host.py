@@ -19,20 +19,27 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 # Needed by the kit kernel on PVM (guest/README.md "Guest kernel command line (required)").
 PVM_CMDLINE = "noxsave clearcpuid=smap,popcnt,cx16,erms,fsrm,rep_good"
 PVM_MAX_VCPUS = 8
 
 
-@dataclass(frozen=True)
 class HostProfile:
-    name: str  # "kvm" | "pvm"
-    #: command-line words the guest kernel needs on this host (before the user's words)
-    cmdline_words: str
-    #: a cap on vCPUs that this host imposes beyond KVM's own (None: KVM's limit only)
-    max_vcpus: int | None
+    """One kind of host (a plain class, not a dataclass: ``embervm run --help`` names the
+    profile, and importing dataclasses would cost it ~10 ms)."""
+
+    __slots__ = ("name", "cmdline_words", "max_vcpus")
+
+    def __init__(self, name: str, cmdline_words: str, max_vcpus: int | None) -> None:
+        self.name = name  # "kvm" | "pvm"
+        #: command-line words the guest kernel needs on this host (before the user's words)
+        self.cmdline_words = cmdline_words
+        #: a cap on vCPUs that this host imposes beyond KVM's own (None: KVM's limit only)
+        self.max_vcpus = max_vcpus
+
+    def __repr__(self) -> str:
+        return f"HostProfile({self.name!r})"
 
     @property
     def description(self) -> str:

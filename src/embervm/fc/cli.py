@@ -171,6 +171,11 @@ def format_help() -> str:
             if default is not None:
                 text += f" [default: \"{default}\"]"
         lines.append(f"{names[n]:<{width}}   {text}")
+    from ..host import host_profile
+
+    lines += ["", f"embervm: host profile: {host_profile().description} (EMBERVM_HOST_PROFILE="
+              "kvm|pvm overrides it); on a PVM host the guest kernel needs extra command-line "
+              "words, which embervm puts before boot_args there only."]
     return "\n".join(lines)
 
 
