@@ -1,10 +1,11 @@
-"""Legacy PC devices on the port-I/O bus: 16550A UART, i8042 reset line, CMOS/POST stubs.
+"""Legacy PC devices on the port-I/O bus: 16550A UART, i8042 (reset line and a PS/2 keyboard
+for Ctrl-Alt-Del on IRQ 1), CMOS/POST stubs.
 
 The standard PC addresses, for the VMM that maps them (the interrupt controllers and the PIT
 are KVM's in-kernel ones and never reach these devices)::
 
     bus.insert(Serial(irq4, out), COM1_PORT, SERIAL_PORT_LENGTH)
-    bus.insert(I8042(reset), I8042_PORT, I8042_PORT_LENGTH)
+    bus.insert(I8042(reset, irq1), I8042_PORT, I8042_PORT_LENGTH)
     bus.insert(CmosAbsent(), CMOS_PORT, CMOS_PORT_LENGTH)
     bus.insert(PortSink(), POST_PORT, 1)
 """
